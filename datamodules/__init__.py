@@ -1,0 +1,1 @@
+"""Lightning datamodules of ilvae (installed as ``ilvae.datamodules``)."""

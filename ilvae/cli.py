@@ -1,0 +1,180 @@
+"""The ``ilvae`` command: LightningCLI (fit/validate/test/predict) plus ``ilvae decoders``.
+
+    ilvae fit --config configs/quickstart.yaml
+    ilvae fit --config configs/quickstart.yaml --model.decoder=il_brenier --model.decoder.L=2
+    ilvae fit --config configs/quickstart.yaml --ckpt_path=last      # resume the latest run
+    ilvae decoders                                                   # registered decoders
+
+Model and data use LightningCLI's subclass mode (``--model=VAE``, ``--data=ArrayDataModule``).
+The data shape is linked from the datamodule into the model, so users never give sizes to a
+decoder. Registered decoder names are accepted wherever a decoder class is expected.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import set_loader
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from ilvae import registry
+from ilvae.errors import ConfigurationError
+
+_PARSER_MODE = "ilvae_yaml"
+_DECODER_KEYS = ("--model.decoder", "--model.init_args.decoder")
+
+
+def _decoder_class_path(name: Any) -> Any:
+    """Full class path for a registered decoder name (or a plugin's class name)."""
+    if not isinstance(name, str) or "." in name:
+        return name
+    try:
+        cls = registry.resolve(name)
+    except ValueError:
+        return name
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _rewrite_decoders(node: Any) -> Any:
+    """Replace registered decoder names under every ``decoder`` key of a loaded config."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "decoder":
+                if isinstance(value, str):
+                    value = _decoder_class_path(value)
+                elif isinstance(value, dict) and "class_path" in value:
+                    value = {**value, "class_path": _decoder_class_path(value["class_path"])}
+            out[key] = _rewrite_decoders(value)
+        return out
+    if isinstance(node, list):
+        return [_rewrite_decoders(v) for v in node]
+    return node
+
+
+def _yaml_loader(text: str) -> Any:
+    return _rewrite_decoders(yaml.safe_load(text))
+
+
+set_loader(_PARSER_MODE, _yaml_loader, exceptions=(yaml.YAMLError,))
+
+
+def rewrite_argv(args: list[str]) -> list[str]:
+    """Map ``--model.decoder=NAME`` (and ``.class_path``) from a registered name to its class."""
+    out: list[str] = []
+    i = 0
+    keys = _DECODER_KEYS + tuple(k + ".class_path" for k in _DECODER_KEYS)
+    while i < len(args):
+        arg = args[i]
+        key, eq, value = arg.partition("=")
+        if key in keys and eq:
+            arg = f"{key}={_decoder_class_path(value)}"
+        elif arg in keys and i + 1 < len(args):
+            out += [arg, _decoder_class_path(args[i + 1])]
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def find_last_checkpoint(root: str | os.PathLike) -> str | None:
+    """Newest ``last*.ckpt`` under ``root`` (any run version), or None."""
+    candidates = [p for p in Path(root).rglob("last*.ckpt") if p.is_file()]
+    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+
+
+class ILVAECLI(LightningCLI):
+    """LightningCLI with the data shape linked into the model and run-directory handling."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.data_shape", "model.init_args.data_shape",
+                              apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        # Lightning looks for "last" only in the new run's (empty) checkpoint folder; a user
+        # resuming means the latest run under the root directory.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("ckpt_path") == "last":
+            root = config.trainer.default_root_dir or os.getcwd()
+            found = find_last_checkpoint(root)
+            if found is None:
+                raise ConfigurationError(f"ckpt_path='last': no last*.ckpt found under {root}")
+            config.ckpt_path = found
+            print(f"ilvae: resuming from {found}", file=sys.stderr)
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.is_global_zero:
+            ckpt = trainer.checkpoint_callback
+            print(f"ilvae: run directory: {trainer.log_dir}")
+            if ckpt is not None and getattr(ckpt, "dirpath", None):
+                print(f"ilvae: checkpoints: {ckpt.dirpath}")
+            print(f"ilvae: view with: tensorboard --logdir {trainer.log_dir}")
+
+
+def _trainer_defaults() -> dict[str, Any]:
+    return {"callbacks": [ModelCheckpoint(save_last=True)]}
+
+
+def list_decoders(stream: Any = sys.stdout) -> int:
+    """Print every registered decoder: name, class, providing distribution (or its error)."""
+    rows = [("name", "class", "distribution")]
+    for plugin in registry.plugins().values():
+        what = plugin.value.replace(":", ".") if plugin.error is None else f"BROKEN: {plugin.error}"
+        rows.append((plugin.name, what, plugin.distribution))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for name, cls, dist in rows:
+        print(f"{name:<{widths[0]}}  {cls:<{widths[1]}}  {dist}", file=stream)
+    return 0
+
+
+def _debug() -> bool:
+    return os.environ.get("ILVAE_DEBUG", "") not in ("", "0")
+
+
+def run(args: list[str] | None = None) -> ILVAECLI:
+    """Run the LightningCLI on ``args`` (default ``sys.argv[1:]``)."""
+    import ilvae.datamodules  # noqa: F401  (registers datamodule subclasses for short names)
+    import ilvae.models  # noqa: F401
+    from ilvae.datamodules.base import VAEDataModule
+
+    registry.plugins()  # imports every plugin, so class names resolve too
+    registry.warn_broken()
+    args = rewrite_argv(list(sys.argv[1:] if args is None else args))
+    return ILVAECLI(
+        LightningModule,
+        VAEDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        trainer_defaults=_trainer_defaults(),
+        parser_kwargs={"parser_mode": _PARSER_MODE},
+        save_config_kwargs={"overwrite": False},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["decoders"]:
+        return list_decoders()
+    try:
+        run(argv)
+    except ConfigurationError as exc:
+        if _debug():
+            traceback.print_exc()
+        print(f"ilvae: error: {exc}", file=sys.stderr)
+        print("ilvae: (set ILVAE_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Amortised Gaussian encoders q(z|x) = N(μ(x), diag s(x)²).
+
+An encoder returns a ``torch.distributions.Normal`` with ``loc`` and ``scale`` of shape (B, m).
+The scale is ``softplus(·) + min_scale``: smooth, positive, and able to reach the small values
+that an adaptive-variance decoder asks for without the overflow of ``exp(log_var / 2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Normal
+
+from ilvae._config import Configurable
+
+_ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
+                "softplus": nn.Softplus, "elu": nn.ELU}
+
+
+def make_activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation={name!r} is unknown; choose one of {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def mlp(sizes: list[int], act: str) -> nn.Sequential:
+    """Linear layers of the given sizes with ``act`` between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(make_activation(act))
+    return nn.Sequential(*layers)
+
+
+def check_hidden(hidden: list[int], field: str = "hidden") -> list[int]:
+    hidden = list(hidden)
+    if any(int(h) != h or h <= 0 for h in hidden):
+        raise ValueError(f"{field} must be a list of positive integers, got {hidden}")
+    return [int(h) for h in hidden]
+
+
+class Encoder(Configurable, nn.Module):
+    """Base class: ``forward(x) -> Normal`` over z with loc/scale of shape (B, latent_dim)."""
+
+    def __init__(self, data_shape: tuple[int, ...], latent_dim: int) -> None:
+        super().__init__()
+        if latent_dim <= 0:
+            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+        self.data_shape = tuple(data_shape)
+        self.data_dim = math.prod(self.data_shape)
+        self.latent_dim = latent_dim
+
+    def _normal(self, h: Tensor, min_scale: float) -> Normal:
+        loc, raw = h.chunk(2, dim=-1)
+        return Normal(loc, F.softplus(raw) + min_scale)
+
+
+class MLPEncoder(Encoder):
+    """x (flattened) → MLP(hidden) → (μ, s)."""
+
+    def __init__(self, data_shape: tuple[int, ...], latent_dim: int, hidden: list[int] = [512],
+                 activation: str = "relu", min_scale: float = 1e-4) -> None:  # noqa: B006
+        super().__init__(data_shape, latent_dim)
+        self.hidden = check_hidden(hidden)
+        self.min_scale = min_scale
+        self.net = mlp([self.data_dim, *self.hidden, 2 * latent_dim], activation)
+
+    def forward(self, x: Tensor) -> Normal:
+        return self._normal(self.net(x.flatten(1)), self.min_scale)
+
+
+class ConvEncoder(Encoder):
+    """Small convolutional encoder for (C, H, W) images: stride-2 3×3 convolutions with
+    ``channels`` filters, then a linear map to (μ, s)."""
+
+    def __init__(self, data_shape: tuple[int, ...], latent_dim: int,
+                 channels: list[int] = [32, 64], activation: str = "relu",  # noqa: B006
+                 min_scale: float = 1e-4) -> None:
+        super().__init__(data_shape, latent_dim)
+        if len(self.data_shape) != 3:
+            raise ValueError(f"ConvEncoder needs image data of shape (C, H, W), got {data_shape}")
+        c, h, w = self.data_shape
+        layers: list[nn.Module] = []
+        for out in check_hidden(channels, "channels"):
+            layers += [nn.Conv2d(c, out, 3, stride=2, padding=1), make_activation(activation)]
+            c, h, w = out, (h + 1) // 2, (w + 1) // 2
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Linear(c * h * w, 2 * latent_dim)
+        self.min_scale = min_scale
+
+    def forward(self, x: Tensor) -> Normal:
+        x = x.reshape(-1, *self.data_shape)
+        return self._normal(self.head(self.features(x)), self.min_scale)
+
+
+EncoderCallable = Callable[[tuple, int], Encoder]

@@ -1,0 +1,183 @@
+"""Observation models p(x|z) = p(x | θ = decoder(z)).
+
+Every likelihood returns ``log p(x|θ)`` **summed over data dimensions**, one value per example
+(shape ``(B,)``); the model averages over the batch. Names used in configs:
+
+===================  ==============================================================  ==========
+name                 log p(x|θ)                                                      θ
+===================  ==============================================================  ==========
+``bernoulli``        Σ_d x_d log σ(θ_d) + (1 − x_d) log(1 − σ(θ_d))                   logits
+``gaussian``         −½ Σ_d [(x_d − θ_d)²/σ² + log 2πσ²], σ fixed                     mean
+``gaussian_learned`` as above with σ a learned parameter (isotropic or per dimension)   mean
+``gaussian_adaptive`` as above with σ² the batch maximum-likelihood value (AR-ELBO)     mean
+``categorical``      Σ_c x_c log softmax(θ)_c (one-hot or integer-coded x)             logits
+===================  ==============================================================  ==========
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class Likelihood(nn.Module):
+    """Base class: ``log_prob(x, param) -> (B,)``, ``mean(param)``, ``sample(param)``."""
+
+    name: str = ""
+
+    def __init__(self, data_dim: int) -> None:
+        super().__init__()
+        self.data_dim = data_dim
+
+    def log_prob(self, x: Tensor, param: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def mean(self, param: Tensor) -> Tensor:
+        return param
+
+    def sample(self, param: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """Transform a data batch before it enters the model (e.g. dynamic binarisation)."""
+        return x
+
+    def check_data(self, x: Tensor) -> None:
+        """Raise ``ValueError`` naming the likelihood when ``x`` lies outside its support."""
+        if not torch.isfinite(x).all():
+            raise ValueError(f"likelihood={self.name!r}: data contain NaN or infinite values")
+
+
+class Bernoulli(Likelihood):
+    """Bernoulli with logits θ; x in [0, 1] (grey levels are the continuous relaxation used by
+    most image VAEs). ``binarize=True`` draws x ~ Bernoulli(x) anew for every training batch
+    (dynamic binarisation, as in the LIDVAE experiments); evaluation keeps the grey levels.
+    """
+
+    name = "bernoulli"
+
+    def __init__(self, data_dim: int, binarize: bool = False) -> None:
+        super().__init__(data_dim)
+        self.binarize = binarize
+
+    def log_prob(self, x: Tensor, param: Tensor) -> Tensor:
+        return -F.binary_cross_entropy_with_logits(param, x, reduction="none").sum(-1)
+
+    def mean(self, param: Tensor) -> Tensor:
+        return torch.sigmoid(param)
+
+    def sample(self, param: Tensor) -> Tensor:
+        return torch.bernoulli(torch.sigmoid(param))
+
+    def prepare(self, x: Tensor) -> Tensor:
+        if self.binarize and self.training:
+            return torch.bernoulli(x)
+        return x
+
+    def check_data(self, x: Tensor) -> None:
+        super().check_data(x)
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(
+                f"likelihood='bernoulli' needs data in [0, 1], got values in [{lo:g}, {hi:g}]; "
+                "rescale the data or use likelihood='gaussian'"
+            )
+
+
+class Gaussian(Likelihood):
+    """N(x; θ, σ²I) with σ fixed (``sigma``)."""
+
+    name = "gaussian"
+
+    def __init__(self, data_dim: int, sigma: float = 1.0) -> None:
+        super().__init__(data_dim)
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+        self.register_buffer("log_sigma", torch.tensor(math.log(sigma)))
+
+    @property
+    def variance(self) -> Tensor:
+        return torch.exp(2 * self.log_sigma)
+
+    def log_prob(self, x: Tensor, param: Tensor) -> Tensor:
+        var = self.variance.expand_as(param)
+        return -0.5 * (((x - param) ** 2) / var + torch.log(var) + _LOG_2PI).sum(-1)
+
+    def sample(self, param: Tensor) -> Tensor:
+        return param + self.variance.sqrt() * torch.randn_like(param)
+
+
+class GaussianLearned(Gaussian):
+    """N(x; θ, σ²I) with log σ a trained parameter, one for all dimensions or one per dimension."""
+
+    name = "gaussian_learned"
+
+    def __init__(self, data_dim: int, sigma: float = 1.0, per_dimension: bool = False) -> None:
+        super().__init__(data_dim, sigma)
+        init = self.log_sigma.detach().clone()
+        del self.log_sigma
+        shape = (data_dim,) if per_dimension else ()
+        self.log_sigma = nn.Parameter(init.expand(shape).clone())
+        self.per_dimension = per_dimension
+
+
+class Categorical(Likelihood):
+    """Categorical over ``data_dim`` classes with logits θ. x is one-hot / a probability vector
+    of shape (B, data_dim), or integer class indices of shape (B,) or (B, 1)."""
+
+    name = "categorical"
+
+    def log_prob(self, x: Tensor, param: Tensor) -> Tensor:
+        logp = torch.log_softmax(param, dim=-1)
+        if x.dim() == 1 or x.shape[-1] == 1 and self.data_dim > 1:
+            return logp.gather(-1, x.reshape(-1, 1).long()).squeeze(-1)
+        return (x * logp).sum(-1)
+
+    def mean(self, param: Tensor) -> Tensor:
+        return torch.softmax(param, dim=-1)
+
+    def sample(self, param: Tensor) -> Tensor:
+        return torch.distributions.Categorical(logits=param).sample()
+
+    def check_data(self, x: Tensor) -> None:
+        super().check_data(x)
+        if x.dim() == 1 or x.shape[-1] == 1 and self.data_dim > 1:
+            if not torch.equal(x, x.round()) or x.min() < 0 or x.max() >= self.data_dim:
+                raise ValueError(
+                    "likelihood='categorical' needs integer class indices in "
+                    f"[0, {self.data_dim - 1}] or one-hot rows"
+                )
+
+
+def _registry() -> dict[str, type[Likelihood]]:
+    from ilvae.decoders.ar_elbo import GaussianAdaptive
+
+    return {
+        cls.name: cls
+        for cls in (Bernoulli, Gaussian, GaussianLearned, GaussianAdaptive, Categorical)
+    }
+
+
+def names() -> list[str]:
+    return sorted(_registry())
+
+
+def build(name: str | Likelihood, data_dim: int, **options: object) -> Likelihood:
+    """Build a likelihood by config name. ``options`` is the decoder's shared pool of likelihood
+    settings (``sigma``, ``binarize``, ``per_dimension``, ...); each likelihood takes the ones
+    its constructor names."""
+    if isinstance(name, Likelihood):
+        return name
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"likelihood={name!r} is unknown; choose one of {', '.join(names())}")
+    cls = registry[name]
+    import inspect
+
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "data_dim"}
+    return cls(data_dim, **{k: v for k, v in options.items() if k in accepted})

@@ -1,0 +1,7 @@
+"""LightningModules: the model families."""
+
+from ilvae.models.autoencoder import Autoencoder
+from ilvae.models.base import LatentVariableModel
+from ilvae.models.vae import VAE
+
+__all__ = ["VAE", "Autoencoder", "LatentVariableModel"]

@@ -1,0 +1,116 @@
+"""The generic VAE LightningModule: VAE, β-VAE, free bits, LIDVAE, IL-LIDVAE and AR-ELBO are
+all this one module with a different decoder or weight (Kingma & Welling 2014; Higgins et al.
+2017; Wang et al. 2021; Kinoshita et al. 2023; Takida et al. 2022)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from ilvae.decoders.base import DecoderCallable
+from ilvae.decoders.mlp import MLPDecoder
+from ilvae.encoders import EncoderCallable, MLPEncoder
+from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.objectives import beta_vae_loss
+from ilvae.priors import PriorCallable, StandardNormal
+
+
+class VAE(LatentVariableModel):
+    """Variational autoencoder trained on the (β-weighted) evidence lower bound
+
+        loss = −E_batch[log p(x|z)] + β · Σ_i max(λ, E_batch KL(q(z_i|x) ‖ p(z_i))),
+        z ~ q(z|x) (reparameterised),
+
+    with log p(x|z) summed over data dimensions (the decoder's likelihood), β = ``beta`` and
+    λ = ``free_bits`` (0 disables it). ``beta`` is a plain attribute that schedule callbacks
+    change during training; it is logged every step as ``train/beta`` (and the decoder's
+    inverse-Lipschitz constant as ``train/L`` when it has one).
+
+    Args:
+        data_shape: shape of one example; supplied by the datamodule in the CLI.
+        latent_dim: m, the number of latent dimensions.
+        encoder: encoder callable ``(data_shape, latent_dim) -> Encoder``.
+        decoder: decoder callable ``(latent_dim, data_dim) -> Decoder``, a registered decoder
+            name (``mlp``, ``lipschitz``, ``il_brenier``, ``ar_elbo``, plug-ins) or a class.
+        prior: prior callable ``(latent_dim) -> Prior``.
+        beta: KL weight β ≥ 0.
+        free_bits: per-dimension free-bits threshold λ ≥ 0 in nats.
+        optimizer, lr_scheduler: LightningCLI callables (default Adam, lr 1e-3).
+    """
+
+    def __init__(self, data_shape: tuple[int, ...] = (64,), latent_dim: int = 16,
+                 encoder: EncoderCallable = MLPEncoder, decoder: DecoderCallable = MLPDecoder,
+                 prior: PriorCallable = StandardNormal, beta: float = 1.0,
+                 free_bits: float = 0.0, optimizer: OptimizerCallable | None = None,
+                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
+        super().__init__(data_shape, latent_dim, encoder, decoder, prior, optimizer,
+                         lr_scheduler)
+        self.beta = check_number("beta", beta)
+        self.free_bits = check_number("free_bits", free_bits)
+        self._save_blocks(ignore=[])
+
+    # ----------------------------------------------------------------- maths
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """One pass: posterior, a reparameterised z, θ = decoder(z), log p(x|z) (B,), KL (B, m).
+
+        γ* = per-dimension MSE of E[x|z] (Dai et al. 2020) is logged as ``{stage}/gamma_star``.
+        """
+        posterior = self.encode(x)
+        z = posterior.rsample()
+        theta = self.decoder(z)
+        log_px = self.decoder.likelihood.log_prob(x.flatten(1), theta)
+        kl = self.prior.kl(posterior, z)
+        return {"posterior": posterior, "z": z, "theta": theta, "log_px": log_px, "kl": kl}
+
+    def _step(self, batch: Any, stage: str) -> Tensor:
+        x, _ = self.unpack(batch)
+        if stage == "train":
+            x = self.decoder.likelihood.prepare(x)
+        out = self(x)
+        loss, terms = beta_vae_loss(out["log_px"], out["kl"], self.beta, self.free_bits)
+        on_step = stage == "train"
+        self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, on_step=on_step,
+                      on_epoch=True, prog_bar=False, batch_size=x.shape[0])
+        with torch.no_grad():
+            mean = self.decoder.likelihood.mean(out["theta"])
+            gamma_star = ((x.flatten(1) - mean) ** 2).mean()
+        self.log(f"{stage}/gamma_star", gamma_star, on_step=False, on_epoch=True,
+                 batch_size=x.shape[0])
+        if stage == "train":
+            self.log("train/beta", float(self.beta), on_step=True, on_epoch=False)
+            if hasattr(self.decoder, "L"):
+                self.log("train/L", float(self.decoder.L), on_step=True, on_epoch=False)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Posterior parameters of each example (and its label when the data have one)."""
+        x, y = self.unpack(batch)
+        posterior = self.encode(x)
+        out = {"loc": posterior.loc, "scale": posterior.scale}
+        if y is not None:
+            out["y"] = y
+        return out
+
+    # ----------------------------------------------------------- generation
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """E[x|z] for n draws z ~ p(z), shaped like the data."""
+        z = self.prior.sample(n)
+        return self.decoder.mean(z).reshape(n, *self.data_shape)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """E[x|z] at the posterior mean z = E_q[z|x]."""
+        return self.decoder.mean(self.encode(x).loc).reshape(x.shape[0], *self.data_shape)
