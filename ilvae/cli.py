@@ -28,6 +28,7 @@ from ilvae import registry
 from ilvae.errors import ConfigurationError
 
 _PARSER_MODE = "ilvae_yaml"
+_STATE = {"running": False}
 _DECODER_KEYS = ("--model.decoder", "--model.init_args.decoder")
 
 
@@ -110,6 +111,11 @@ class ILVAECLI(LightningCLI):
             config.ckpt_path = found
             print(f"ilvae: resuming from {found}", file=sys.stderr)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        # From here on errors come from training, not from the user's configuration.
+        _STATE["running"] = True
+        super()._run_subcommand(subcommand)
+
     def after_fit(self) -> None:
         trainer = self.trainer
         if trainer.is_global_zero:
@@ -124,8 +130,9 @@ def _trainer_defaults() -> dict[str, Any]:
     return {"callbacks": [ModelCheckpoint(save_last=True)]}
 
 
-def list_decoders(stream: Any = sys.stdout) -> int:
+def list_decoders(stream: Any = None) -> int:
     """Print every registered decoder: name, class, providing distribution (or its error)."""
+    stream = sys.stdout if stream is None else stream
     rows = [("name", "class", "distribution")]
     for plugin in registry.plugins().values():
         what = plugin.value.replace(":", ".") if plugin.error is None else f"BROKEN: {plugin.error}"
@@ -134,6 +141,15 @@ def list_decoders(stream: Any = sys.stdout) -> int:
     for name, cls, dist in rows:
         print(f"{name:<{widths[0]}}  {cls:<{widths[1]}}  {dist}", file=stream)
     return 0
+
+
+def user_error_line(exc: BaseException) -> str:
+    """One line for a configuration error; jsonargparse nests the real cause in a list."""
+    text = str(exc)
+    causes = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+    causes = [c for c in causes if not c.startswith("Expected a <class 'NoneType'>")]
+    line = causes[0] if causes else text.strip().splitlines()[0] if text.strip() else repr(exc)
+    return line
 
 
 def _debug() -> bool:
@@ -165,12 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["decoders"]:
         return list_decoders()
+    _STATE["running"] = False
     try:
         run(argv)
-    except ConfigurationError as exc:
+    except (ConfigurationError, ValueError, TypeError, FileNotFoundError) as exc:
+        if _STATE["running"] and not isinstance(exc, ConfigurationError):
+            raise
         if _debug():
             traceback.print_exc()
-        print(f"ilvae: error: {exc}", file=sys.stderr)
+        print(f"ilvae: error: {user_error_line(exc)}", file=sys.stderr)
         print("ilvae: (set ILVAE_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
     return 0

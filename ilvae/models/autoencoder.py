@@ -9,10 +9,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from ilvae.decoders.base import DecoderCallable
-from ilvae.decoders.mlp import MLPDecoder
-from ilvae.encoders import EncoderCallable, MLPEncoder
+from ilvae.encoders import EncoderCallable
 from ilvae.models.base import LatentVariableModel
-from ilvae.priors import PriorCallable, StandardNormal
+from ilvae.priors import PriorCallable
 
 
 class Autoencoder(LatentVariableModel):
@@ -31,8 +30,9 @@ class Autoencoder(LatentVariableModel):
     """
 
     def __init__(self, data_shape: tuple[int, ...] = (64,), latent_dim: int = 16,
-                 encoder: EncoderCallable = MLPEncoder, decoder: DecoderCallable = MLPDecoder,
-                 prior: PriorCallable = StandardNormal, optimizer: OptimizerCallable | None = None,
+                 encoder: EncoderCallable | None = None,
+                 decoder: DecoderCallable | None = None,
+                 prior: PriorCallable | None = None, optimizer: OptimizerCallable | None = None,
                  lr_scheduler: LRSchedulerCallable | None = None) -> None:
         super().__init__(data_shape, latent_dim, encoder, decoder, prior, optimizer,
                          lr_scheduler)

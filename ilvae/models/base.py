@@ -14,9 +14,10 @@ from torch.distributions import Normal
 from ilvae import decoders as _decoders
 from ilvae._config import build_component
 from ilvae.decoders.base import Decoder
-from ilvae.encoders import Encoder
+from ilvae.decoders.mlp import MLPDecoder
+from ilvae.encoders import Encoder, MLPEncoder
 from ilvae.errors import ConfigurationError
-from ilvae.priors import Prior
+from ilvae.priors import Prior, StandardNormal
 
 
 def check_number(field: str, value: float, *, minimum: float = 0.0, strict: bool = False) -> float:
@@ -53,6 +54,11 @@ class LatentVariableModel(L.LightningModule):
         self.data_shape = data_shape
         self.data_dim = math.prod(data_shape)
         self.latent_dim = int(latent_dim)
+        # None selects the default block. Defaults are not written into the signature because
+        # jsonargparse would carry a default class's arguments over to a class chosen instead.
+        encoder = MLPEncoder if encoder is None else encoder
+        decoder = MLPDecoder if decoder is None else decoder
+        prior = StandardNormal if prior is None else prior
         try:
             self.encoder = build_component(encoder, data_shape, self.latent_dim, base=Encoder,
                                            field="encoder")

@@ -11,11 +11,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from ilvae.decoders.base import DecoderCallable
-from ilvae.decoders.mlp import MLPDecoder
-from ilvae.encoders import EncoderCallable, MLPEncoder
+from ilvae.encoders import EncoderCallable
 from ilvae.models.base import LatentVariableModel, check_number
 from ilvae.objectives import beta_vae_loss
-from ilvae.priors import PriorCallable, StandardNormal
+from ilvae.priors import PriorCallable
 
 
 class VAE(LatentVariableModel):
@@ -42,8 +41,9 @@ class VAE(LatentVariableModel):
     """
 
     def __init__(self, data_shape: tuple[int, ...] = (64,), latent_dim: int = 16,
-                 encoder: EncoderCallable = MLPEncoder, decoder: DecoderCallable = MLPDecoder,
-                 prior: PriorCallable = StandardNormal, beta: float = 1.0,
+                 encoder: EncoderCallable | None = None,
+                 decoder: DecoderCallable | None = None,
+                 prior: PriorCallable | None = None, beta: float = 1.0,
                  free_bits: float = 0.0, optimizer: OptimizerCallable | None = None,
                  lr_scheduler: LRSchedulerCallable | None = None) -> None:
         super().__init__(data_shape, latent_dim, encoder, decoder, prior, optimizer,
@@ -72,8 +72,11 @@ class VAE(LatentVariableModel):
         out = self(x)
         loss, terms = beta_vae_loss(out["log_px"], out["kl"], self.beta, self.free_bits)
         on_step = stage == "train"
+        loss_term = terms.pop("loss")
+        self.log(f"{stage}/loss", loss_term, on_step=on_step, on_epoch=True, prog_bar=True,
+                 batch_size=x.shape[0])
         self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, on_step=on_step,
-                      on_epoch=True, prog_bar=False, batch_size=x.shape[0])
+                      on_epoch=True, batch_size=x.shape[0])
         with torch.no_grad():
             mean = self.decoder.likelihood.mean(out["theta"])
             gamma_star = ((x.flatten(1) - mean) ** 2).mean()

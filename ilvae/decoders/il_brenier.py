@@ -1,0 +1,205 @@
+"""Inverse-Lipschitz Brenier decoder: IL-LIDVAE (Kinoshita et al., ICML 2023), LIDVAE at L = 0
+(Wang, Blei & Cunningham, NeurIPS 2021).
+
+The decoder output (the likelihood's natural parameter: Bernoulli logits, Gaussian mean) is
+
+    f(z) = g₂(β g₁(z)),   g_i(u) = ∇ψ_i(u) + L_i u,
+
+with ψ₁: R^m → R and ψ₂: R^D → R input-convex networks (:mod:`ilvae.decoders.icnn`) and β: R^m →
+R^D an injective linear lift. g_i is the gradient of the (L_i)-strongly convex potential
+ψ_i(u) + (L_i/2)‖u‖², hence a Brenier map that is L_i-strongly monotone and so L_i-inverse-
+Lipschitz: ‖g_i(u) − g_i(u′)‖ ≥ L_i‖u − u′‖. With s_min the smallest singular value of β,
+
+    ‖f(z) − f(z′)‖ ≥ L₁ · s_min · L₂ · ‖z − z′‖ = L ‖z − z′‖.
+
+``L`` is this guaranteed constant of the whole map z ↦ f(z). By default it is split evenly,
+L₁ = L₂ = √(L / s_min). L = 0 gives LIDVAE (f still injective, since ψ_i is strictly convex almost
+everywhere, but without a quantitative bound).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ilvae.decoders.base import Decoder
+from ilvae.decoders.icnn import ACTIVATIONS, ICNN, no_autocast
+from ilvae.encoders import check_hidden
+
+BETAS = ("fixed", "trainable")
+
+
+def _check_constant(field: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value >= 0
+    ):
+        raise ValueError(f"{field} must be a finite number >= 0 (0 gives LIDVAE), got {value!r}")
+    return float(value)
+
+
+def _split(L: float, L1: float | None, L2: float | None, s_min: float) -> tuple[float, float]:
+    """(L1, L2) with L1·L2·s_min = L; an explicitly given factor is kept."""
+    if L1 is None and L2 is None:
+        root = math.sqrt(L / s_min)
+        return root, root
+    if L1 is not None and L2 is not None:
+        implied = L1 * L2 * s_min
+        if not math.isclose(L, implied, rel_tol=1e-9, abs_tol=1e-12):
+            raise ValueError(
+                f"L={L} is inconsistent with L1={L1}, L2={L2} and beta's smallest singular value "
+                f"{s_min}: the guaranteed constant is L1·L2·s_min = {implied}; pass L={implied} "
+                "or give only one of L1, L2"
+            )
+        return L1, L2
+    field, given = ("L1", L1) if L1 is not None else ("L2", L2)
+    if given == 0:
+        if L > 0:
+            raise ValueError(f"{field}=0 cannot give a decoder constant L={L} > 0; "
+                             f"set {field} > 0 or L=0")
+        return 0.0, 0.0
+    other = L / (given * s_min)
+    return (given, other) if field == "L1" else (other, given)
+
+
+def _fill_up(buffer: Tensor, value: float) -> None:
+    """Store ``value`` in ``buffer``, rounded up so the stored constant never undercuts it."""
+    t = torch.tensor(value, dtype=buffer.dtype)
+    if float(t) < value:
+        t = torch.nextafter(t, torch.tensor(math.inf, dtype=buffer.dtype))
+    with torch.no_grad():
+        buffer.fill_(t.item())
+
+
+class ILBrenierDecoder(Decoder):
+    """f(z) = g₂(β g₁(z)), g_i = ∇ICNN_i + L_i·id: an L-inverse-Lipschitz decoder.
+
+    Args:
+        latent_dim: m. data_dim: D ≥ m.
+        L: guaranteed inverse-Lipschitz constant of z ↦ f(z), ‖f(z) − f(z′)‖ ≥ L‖z − z′‖.
+            0 gives LIDVAE.
+        hidden: hidden widths of each of the two ICNNs.
+        L1, L2: the factors on g₁ and g₂. Default: L1 = L2 = √(L/s_min). Give one and the other
+            follows from L; give both and L must equal L1·L2·s_min (``ValueError`` naming ``L``
+            otherwise).
+        activation: ``"leaky_relu"`` (slope 0.2, as the authors) or ``"softplus"`` (smooth, so
+            the decoder's Jacobian is continuous).
+        beta: ``"fixed"``: the isometric zero-padding β = [I_m; 0] (s_min = 1, main text of the
+            LIDVAE paper). ``"trainable"``: β = U diag(s) Vᵀ with U (D×m, orthonormal columns)
+            and V (m×m, orthogonal) the Q factors of the QR decompositions of free parameters
+            (sign-fixed so diag R > 0) and s = lo + (hi − lo)·sigmoid(r), so every singular value
+            stays in ``beta_singular_values`` = (lo, hi); the guarantee uses s_min = lo. It starts
+            at [I_m; 0]·(lo + hi)/2.
+        beta_singular_values: (lo, hi) with 0 < lo ≤ hi, for ``beta="trainable"``.
+        likelihood, sigma, binarize: see :class:`~ilvae.decoders.base.Decoder`.
+
+    ``L`` is a property: reading it gives the current guaranteed constant L1·L2·s_min; assigning
+    it (annealing) re-splits it keeping the ratio L1/L2 of the construction (an even split when
+    that ratio is 0 or undefined). L1 and L2 are buffers, so checkpoints keep the current values.
+
+    The maps run with autocast switched off, in float32 (float64 if the weights are float64), so
+    mixed precision cannot break the guarantee. Casting the module itself to a half type rounds
+    the stored L1, L2 too; keep the weights in float32.
+
+    >>> dec = ILBrenierDecoder(8, 64, L=1.5, hidden=[32])
+    >>> dec(torch.randn(4, 8)).shape
+    torch.Size([4, 64])
+    """
+
+    def __init__(self, latent_dim: int, data_dim: int, L: float = 1.0,
+                 hidden: list[int] = [512], L1: float | None = None,  # noqa: B006
+                 L2: float | None = None, activation: str = "leaky_relu", beta: str = "fixed",
+                 beta_singular_values: tuple[float, float] = (1.0, 2.0),
+                 likelihood: str = "bernoulli", sigma: float = 1.0,
+                 binarize: bool = False) -> None:
+        super().__init__(latent_dim, data_dim, likelihood, sigma, binarize)
+        if self.data_dim < self.latent_dim:
+            raise ValueError(f"data_dim={data_dim} must be >= latent_dim={latent_dim}: the lift "
+                             "β: R^latent_dim → R^data_dim has to be injective")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is unknown; choose one of "
+                             f"{', '.join(ACTIVATIONS)}")
+        if beta not in BETAS:
+            raise ValueError(f"beta={beta!r} is unknown; choose one of {', '.join(BETAS)}")
+        lo, hi = self._check_range(beta_singular_values)
+        L = _check_constant("L", L)
+        L1 = _check_constant("L1", L1)
+        L2 = _check_constant("L2", L2)
+        self.hidden = check_hidden(hidden)
+        if not self.hidden:
+            raise ValueError("hidden must list at least one width for each ICNN, got []")
+        self.activation = activation
+        self.beta = beta
+        self.beta_singular_values = (lo, hi)
+        self.s_min = 1.0 if beta == "fixed" else lo
+
+        L1, L2 = _split(L, L1, L2, self.s_min)
+        self._ratio = L1 / L2 if L1 > 0 and L2 > 0 else 1.0
+        self.register_buffer("L1", torch.zeros(()))
+        self.register_buffer("L2", torch.zeros(()))
+        _fill_up(self.L1, L1)
+        _fill_up(self.L2, L2)
+
+        m, D = self.latent_dim, self.data_dim
+        self.psi1 = ICNN(m, self.hidden, activation)
+        self.psi2 = ICNN(D, self.hidden, activation, init_fan_in=m)
+        if beta == "trainable":
+            self.beta_u = nn.Parameter(torch.eye(D, m))
+            self.beta_v = nn.Parameter(torch.eye(m))
+            self.beta_s = nn.Parameter(torch.zeros(m))
+
+    @staticmethod
+    def _check_range(values: Sequence[float]) -> tuple[float, float]:
+        try:
+            lo, hi = (float(v) for v in values)
+        except (TypeError, ValueError):
+            raise ValueError(f"beta_singular_values must be two numbers (lo, hi), "
+                             f"got {values!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+            raise ValueError(f"beta_singular_values must satisfy 0 < lo <= hi (finite), "
+                             f"got {values!r}")
+        return lo, hi
+
+    @property
+    def L(self) -> float:
+        """Guaranteed inverse-Lipschitz constant L1·L2·s_min of z ↦ f(z)."""
+        return float(self.L1) * float(self.L2) * self.s_min
+
+    @L.setter
+    def L(self, value: float) -> None:
+        value = _check_constant("L", value)
+        _fill_up(self.L1, math.sqrt(value * self._ratio / self.s_min))
+        _fill_up(self.L2, math.sqrt(value / (self._ratio * self.s_min)))
+
+    def beta_matrix(self) -> Tensor:
+        """β as a (data_dim, latent_dim) matrix."""
+        if self.beta == "fixed":
+            return torch.eye(self.data_dim, self.latent_dim, dtype=self.psi2.input_weight.dtype,
+                             device=self.psi2.input_weight.device)
+        return self._trainable_beta(self.beta_u.dtype)
+
+    def _trainable_beta(self, dtype: torch.dtype) -> Tensor:
+        lo, hi = self.beta_singular_values
+        qu = self._orthonormal(self.beta_u.to(dtype))
+        qv = self._orthonormal(self.beta_v.to(dtype))
+        s = lo + (hi - lo) * torch.sigmoid(self.beta_s.to(dtype))
+        return (qu * s) @ qv.t()
+
+    @staticmethod
+    def _orthonormal(x: Tensor) -> Tensor:
+        q, r = torch.linalg.qr(x)
+        sign = torch.where(torch.diagonal(r) >= 0, 1.0, -1.0).to(q.dtype)
+        return q * sign
+
+    def forward(self, z: Tensor) -> Tensor:
+        """f(z) = ∇ψ₂(βv) + L₂βv with v = ∇ψ₁(z) + L₁z; shape (B, data_dim)."""
+        dtype = torch.promote_types(self.psi1.input_weight.dtype, torch.float32)
+        with no_autocast(z.device.type):
+            z = z.to(dtype)
+            v = self.psi1.gradient(z, self.L1.to(dtype))
+            beta = None if self.beta == "fixed" else self._trainable_beta(dtype)
+            return self.psi2.lifted_gradient(v, beta, self.L2.to(dtype))

@@ -1,0 +1,74 @@
+"""ε-collapsed latent dimensions, by mean KL and by probability over the data (Lucas et al.)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.distributions import Normal
+from torchmetrics import Metric
+
+from ilvae.metrics.kl_per_dimension import _check_prior_scale, _kl_normal
+
+
+class EpsilonCollapse(Metric):
+    """Number of ε-collapsed latent dimensions, in two forms.
+
+    With KL_i(x) = KL(q(z_i|x) ‖ p(z_i)) = ½ (μ_i²/η² + s_i²/η² − log(s_i²/η²) − 1) for the prior
+    N(0, η² I) (η = ``prior_scale``), ε = ``eps`` and δ = ``delta``:
+
+    - mean form: dimension i is ε-collapsed iff (1/N) Σ_n KL_i(x_n) < ε;
+    - probability form (Lucas et al., "Don't Blame the ELBO!", 2019): dimension i is
+      (ε, δ)-collapsed iff P_x[KL_i(x) < ε] ≥ 1 − δ, the probability being the fraction of the
+      evaluation set, P_i = (1/N) Σ_n 1[KL_i(x_n) < ε].
+
+    ``update(posterior)`` takes the ``Normal`` of ``model.encode(x)`` (loc, scale: (B, m)).
+    ``compute()`` returns a dict:
+
+    - ``"epsilon_collapsed"``: int64 scalar, number of dimensions collapsed in the mean form;
+    - ``"epsilon_delta_collapsed"``: int64 scalar, number collapsed in the probability form;
+    - ``"collapse_probability"``: float64 (m,), the fractions P_i.
+
+    Example:
+        >>> import torch
+        >>> from torch.distributions import Normal
+        >>> metric = EpsilonCollapse(eps=0.01, delta=0.1)
+        >>> loc = torch.tensor([[0.0, 2.0], [0.0, 0.0], [0.0, 2.0]])
+        >>> metric.update(Normal(loc, torch.ones_like(loc)))
+        >>> out = metric.compute()
+        >>> int(out["epsilon_collapsed"]), out["collapse_probability"]
+        (1, tensor([1.0000, 0.3333], dtype=torch.float64))
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, eps: float = 0.01, delta: float = 0.01, prior_scale: float = 1.0,
+                 **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        if not eps > 0:
+            raise ValueError(f"eps must be a number > 0, got {eps}")
+        if not 0 <= delta < 1:
+            raise ValueError(f"delta must lie in [0, 1), got {delta}")
+        self.eps = float(eps)
+        self.delta = float(delta)
+        self.prior_scale = _check_prior_scale(prior_scale)
+        # Scalar zeros until the first update broadcasts them to (m,).
+        self.add_state("kl_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("below", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, posterior: Normal) -> None:
+        kl = _kl_normal(posterior, self.prior_scale)
+        self.kl_sum = self.kl_sum + kl.sum(0)
+        self.below = self.below + (kl < self.eps).sum(0)
+        self.count = self.count + kl.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:
+        probability = self.below / self.count
+        return {
+            "epsilon_collapsed": (self.kl_sum / self.count < self.eps).sum(),
+            # The tolerance keeps a fraction such as 99/100 on the right side of 1 − 0.01.
+            "epsilon_delta_collapsed": (probability >= 1 - self.delta - 1e-12).sum(),
+            "collapse_probability": probability,
+        }

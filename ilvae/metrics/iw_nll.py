@@ -1,0 +1,120 @@
+"""Importance-weighted estimate of the negative log-likelihood (Burda et al., 2016)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+
+def _modules(model: Any) -> list[nn.Module]:
+    if isinstance(model, nn.Module):
+        return list(model.modules())
+    parts = [getattr(model, name, None) for name in ("encoder", "decoder", "prior")]
+    return [mod for part in parts if isinstance(part, nn.Module) for mod in part.modules()]
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Put every module of ``model`` in evaluation mode and restore each one's flag afterwards.
+
+    Evaluation mode matters for correctness, not only for dropout: the adaptive-variance
+    likelihood uses its frozen running σ² only in eval mode (in training mode it would refit σ²
+    to the batch and update its running average).
+    """
+    modules = _modules(model)
+    flags = [mod.training for mod in modules]
+    try:
+        for mod in modules:
+            mod.training = False
+        yield
+    finally:
+        for mod, flag in zip(modules, flags):
+            mod.training = flag
+
+
+def _repeat(x: Tensor, k: int) -> Tensor:
+    """(B, ...) → (k·B, ...), the k copies stacked sample-major."""
+    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+
+
+class ImportanceWeightedNLL(Metric):
+    """Importance-weighted negative log-likelihood in nats (Burda et al., 2016).
+
+    For every example x, with K = ``num_samples`` draws z_k ~ q(z|x) from the encoder::
+
+        NLL_K(x) = −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x)
+                 = −(logsumexp_k [log p(x|z_k) + log p(z_k) − log q(z_k|x)] − log K)
+
+    with log p(x|z) summed over data dimensions (the decoder's likelihood) and the prior of the
+    model. E[NLL_K(x)] ≥ −log p(x) and decreases to it as K grows; it equals −log p(x) for any K
+    when q(z|x) is the exact posterior. K = 500 is the convention in the collapse literature.
+
+    ``update(x, model)``: x of shape (B, ...) as the likelihood expects it (already prepared,
+    e.g. not binarised again); ``model`` provides ``encode(x) -> Normal``, ``decoder`` (with
+    ``log_prob(x, z) -> (B,)``) and ``prior`` (``log_prob(z) -> (B,)``). The whole batch is
+    processed at once and the K samples in chunks of ``chunk_size`` (memory ~ chunk_size · B · D).
+    The model is switched to evaluation mode for the call (each module's flag is restored
+    afterwards), so an adaptive-variance decoder uses its frozen running σ²; no gradients are
+    recorded.
+
+    ``compute()`` returns the mean NLL_K over all examples (float64 scalar, nats per example);
+    the states ``nll_sum`` and ``count`` hold the sum and the number of examples.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.distributions import Normal
+        >>> from ilvae.decoders.mlp import MLPDecoder
+        >>> from ilvae.priors import StandardNormal
+        >>> class Model(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.decoder = MLPDecoder(2, 3, hidden=[8], likelihood="gaussian")
+        ...         self.prior = StandardNormal(2)
+        ...     def encode(self, x):
+        ...         return Normal(torch.zeros(x.shape[0], 2), torch.ones(x.shape[0], 2))
+        >>> metric = ImportanceWeightedNLL(num_samples=100, chunk_size=25)
+        >>> metric.update(torch.randn(16, 3), Model())
+        >>> metric.compute().shape
+        torch.Size([])
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, num_samples: int = 500, chunk_size: int = 50, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        for field, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
+            if int(value) != value or value <= 0:
+                raise ValueError(f"{field} must be a positive integer, got {value}")
+        self.num_samples = int(num_samples)
+        self.chunk_size = int(chunk_size)
+        self.add_state("nll_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor, model: Any) -> None:
+        with torch.no_grad(), _eval_mode(model):
+            posterior = model.encode(x)
+            batch = x.shape[0]
+            log_w = []
+            for start in range(0, self.num_samples, self.chunk_size):
+                k = min(self.chunk_size, self.num_samples - start)
+                z = posterior.sample((k,))  # (k, B, m)
+                flat = z.reshape(k * batch, -1)
+                log_px = model.decoder.log_prob(_repeat(x, k), flat).reshape(k, batch)
+                log_pz = model.prior.log_prob(flat).reshape(k, batch)
+                log_qz = posterior.log_prob(z).sum(-1)
+                log_w.append((log_px + log_pz - log_qz).double())
+            log_mean_w = torch.logsumexp(torch.cat(log_w), dim=0) - math.log(self.num_samples)
+        self.nll_sum = self.nll_sum - log_mean_w.sum()
+        self.count = self.count + batch
+
+    def compute(self) -> Tensor:
+        return self.nll_sum / self.count

@@ -1,0 +1,69 @@
+"""KL divergence between the amortised posterior and the prior, per latent dimension."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import Normal
+from torchmetrics import Metric
+
+
+def _check_prior_scale(prior_scale: float) -> float:
+    if not (math.isfinite(prior_scale) and prior_scale > 0):
+        raise ValueError(f"prior_scale must be a finite number > 0, got {prior_scale}")
+    return float(prior_scale)
+
+
+def _kl_normal(posterior: Normal, prior_scale: float) -> Tensor:
+    """KL(N(μ, s²) ‖ N(0, η²)) per example and dimension, in float64: shape (B, m)."""
+    loc = posterior.loc.detach().double()
+    scale = posterior.scale.detach().double()
+    if loc.dim() != 2:
+        raise ValueError(f"posterior.loc must have shape (B, m), got {tuple(loc.shape)}")
+    ratio = (scale / prior_scale) ** 2
+    return 0.5 * ((loc / prior_scale) ** 2 + ratio - torch.log(ratio) - 1)
+
+
+class KLPerDimension(Metric):
+    """Mean KL divergence between the posterior and the prior, per latent dimension and in total.
+
+    For q(z|x) = N(μ(x), diag s(x)²) and the prior p(z) = N(0, η² I) (η = ``prior_scale``)::
+
+        KL_i(x)  = ½ (μ_i²/η² + s_i²/η² − log(s_i²/η²) − 1)
+        kl_i     = (1/N) Σ_n KL_i(x_n)                 (the mean over the evaluation set)
+        kl       = Σ_i kl_i                             (nats, summed over latent dimensions)
+
+    ``update(posterior)`` takes the ``Normal`` of ``model.encode(x)`` (loc, scale: (B, m)).
+    ``compute()`` returns ``{"kl": kl, "kl_per_dim": (kl_1, …, kl_m)}``: a scalar and an (m,)
+    vector, both float64. Sums are accumulated in float64 and summed across processes.
+
+    Example:
+        >>> import torch
+        >>> from torch.distributions import Normal
+        >>> metric = KLPerDimension()
+        >>> metric.update(Normal(torch.tensor([[1.0, 0.0]]), torch.ones(1, 2)))
+        >>> metric.compute()["kl_per_dim"]
+        tensor([0.5000, 0.0000], dtype=torch.float64)
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, prior_scale: float = 1.0, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.prior_scale = _check_prior_scale(prior_scale)
+        # Scalar zero until the first update broadcasts it to (m,).
+        self.add_state("kl_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, posterior: Normal) -> None:
+        kl = _kl_normal(posterior, self.prior_scale)
+        self.kl_sum = self.kl_sum + kl.sum(0)
+        self.count = self.count + kl.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:
+        per_dim = self.kl_sum / self.count
+        return {"kl": per_dim.sum(), "kl_per_dim": per_dim}
