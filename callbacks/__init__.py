@@ -1,7 +1,13 @@
 """Lightning callbacks of ilvae (installed as ``ilvae.callbacks``)."""
 
 from ilvae.callbacks.annealing import InverseLipschitzAnnealing, KLAnnealing, TargetKLController
+from ilvae.callbacks.collapse_monitor import CollapseMonitor
+from ilvae.callbacks.images import ImageLogger
+from ilvae.callbacks.latent_plot import LatentPlot
 
 __all__ = [
     "InverseLipschitzAnnealing", "KLAnnealing", "TargetKLController",  # annealing
+    "CollapseMonitor",  # collapse_monitor
+    "ImageLogger",  # images
+    "LatentPlot",  # latent_plot
 ]

@@ -230,6 +230,7 @@ class _Schedule(_SetsHyperParameter):
         # value it saved, the step counter takes over from the first batch on.
         if self._restored and self.value is not None:
             self._apply(pl_module, self.value)
+            self._restored = False
         else:
             self._set(pl_module, trainer.global_step)
 

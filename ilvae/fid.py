@@ -167,8 +167,8 @@ def classifier_accuracy(classifier: FeatureClassifier, x: Tensor, y: Tensor,
 
 def train_feature_classifier(x: Tensor, y: Tensor, *, num_classes: int | None = None,
                              x_val: Tensor | None = None, y_val: Tensor | None = None,
-                             feature_dim: int = 64, width: int = 32, epochs: int = 20,
-                             batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                             feature_dim: int = 64, width: int = 32, epochs: int = 15,
+                             batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                              path: str | os.PathLike | None = None,
                              metadata: dict[str, Any] | None = None) -> FeatureClassifier:
     """Train a :class:`FeatureClassifier` by cross-entropy with Adam and optionally save it.
@@ -481,8 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--data-arg", action="append", type=_data_arg, default=[],
                        metavar="KEY=VALUE", help="datamodule argument (repeatable)")
     train.add_argument("--out", required=True, help="where to save the classifier")
-    train.add_argument("--epochs", type=int, default=20)
-    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--epochs", type=int, default=15)
+    train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--feature-dim", type=int, default=64)
     train.add_argument("--width", type=int, default=32)

@@ -24,9 +24,14 @@ def _fit(root, *extra, config=QUICKSTART, epochs=1):
                 f"--trainer.max_epochs={epochs}", *FAST, *extra])
 
 
-def _scalars(log_dir):
-    acc = EventAccumulator(str(log_dir))
+def _events(log_dir):
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "histograms": 0})
     acc.Reload()
+    return acc
+
+
+def _scalars(log_dir):
+    acc = _events(log_dir)
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
@@ -54,6 +59,17 @@ def test_quickstart_writes_tensorboard_scalars_and_checkpoints(tmp_path, capsys)
     # the logged ELBO is the negative of recon + kl for the same validation pass
     elbo, kl = scalars["val/elbo"][-1], scalars["val/kl"][-1]
     assert elbo == pytest.approx(-(scalars["val/recon"][-1] + kl), rel=1e-5)
+    # the quickstart's CollapseMonitor, ImageLogger and LatentPlot (first epoch)
+    for tag in ("val/active_units", "val/mutual_info", "val/iw_nll", "val/relative_fisher",
+                "val/epsilon_collapsed"):
+        assert len(scalars[tag]) == 1, tag
+    assert 0 <= scalars["val/active_units"][0] <= 8
+    tags = _events(log_dir).Tags()
+    assert "val/kl_per_dim" in tags["histograms"]
+    assert {"images/reconstructions", "images/samples", "latent/posterior_means",
+            "collapse/kl_per_dim"} <= set(tags["images"])
+    histogram = _events(log_dir).Histograms("val/kl_per_dim")[0].histogram_value
+    assert histogram.num == 8  # one entry per latent dimension
     assert (log_dir / "checkpoints" / "last.ckpt").is_file()
     assert (log_dir / "config.yaml").is_file()
     out = capsys.readouterr().out

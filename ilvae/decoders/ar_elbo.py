@@ -13,7 +13,6 @@ frozen to a running average of σ̂² over training batches, stored in the check
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -45,9 +44,10 @@ class GaussianAdaptive(Likelihood):
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
 
     def batch_variance(self, x: Tensor, param: Tensor) -> Tensor:
-        """σ̂² of this batch (differentiable): SSE/(B·D), or SSE_j/B per dimension."""
+        """σ̂² of this batch (differentiable): SSE/(B·D), or SSE_j/B per dimension. Leading
+        sample dimensions (S, B, D) count as batch."""
         sq = (x - param) ** 2
-        var = sq.mean(0) if self.per_dimension else sq.mean()
+        var = sq.reshape(-1, sq.shape[-1]).mean(0) if self.per_dimension else sq.mean()
         return var.clamp_min(self.min_variance)
 
     @torch.no_grad()

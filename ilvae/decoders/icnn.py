@@ -1,7 +1,8 @@
 """Input-convex neural network (ICNN) with an explicit gradient map ∇ψ.
 
 The potential ψ: R^n → R is the ICNN used by LIDVAE (Wang, Blei & Cunningham, NeurIPS 2021) and
-IL-LIDVAE (Kinoshita et al., ICML 2023), with K hidden layers of widths ``hidden = [h₀, …, h_{K−1}]``::
+IL-LIDVAE (Kinoshita et al., ICML 2023), with K hidden layers of widths
+``hidden = [h₀, …, h_{K−1}]``::
 
     z₀ = A₀u + b₀,                 h₀ = a(z₀)²
     z_k = W_{k−1}h_{k−1} + A_ku + b_k,   h_k = a(z_k)          k = 1 … K−1
@@ -39,9 +40,12 @@ Design choices:
   depth. A_k and b_k follow ``nn.Linear`` (U(±1/√fan_in)), c starts at 0.
 
 Lifted inputs: for u = βv with β a D×m linear map (m ≤ D), u enters the forward pass only through
-A_kβ, so :meth:`lifted_gradient` projects the weights once (the column slice A[:, :m] for the
+A_kβ, so :meth:`lifted_gradient` projects the weights once (the columns A[:, :m] for the
 zero-padding β = [I_m; 0], the H×m product A·β otherwise), runs every layer at the cost of an
-m-dimensional input, and only the final matmul [δ₀ … δ_{K−1}]·A is D-dimensional.
+m-dimensional input, and only the final matmul [δ₀ … δ_{K−1}]·A is D-dimensional. With
+``lift_dim=m`` the matrix A is stored as the two column blocks A[:, :m] and A[:, m:], so the
+zero-padded path never slices a parameter (the backward of a slice writes a zero-filled copy of
+the whole D-wide matrix, which costs as much as the rest of the elementwise work together).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ilvae.encoders import check_hidden
+from ilvae.errors import ConfigurationError
 
 ACTIVATIONS = ("leaky_relu", "softplus")
 
@@ -60,6 +65,10 @@ ACTIVATIONS = ("leaky_relu", "softplus")
 def _softplus_inverse(w: Tensor) -> Tensor:
     # log(exp(w) − 1), stable for small w.
     return w + torch.log(-torch.expm1(-w))
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def no_autocast(device_type: str) -> torch.autocast:
@@ -75,11 +84,13 @@ class ICNN(nn.Module):
         hidden: hidden widths [h₀, …, h_{K−1}], at least one.
         activation: ``"leaky_relu"`` (slope ``negative_slope``) or ``"softplus"``.
         negative_slope: LeakyReLU slope in [0, 1] (convex and non-decreasing).
-        init_fan_in: fan-in used to initialise A and b; defaults to ``input_dim``. A potential
-            that only ever sees lifted inputs βv, v ∈ R^m, is better initialised with m.
+        lift_dim: m < n when ψ is mostly evaluated on zero-padded inputs [v; 0], v ∈ R^m: A is
+            stored as the column blocks A[:, :m], A[:, m:], and A, b are initialised with
+            fan-in m (the width of what they actually see) instead of n.
 
-    Parameters: ``input_weight`` = [A₀; …; A_{K−1}; cᵀ] of shape (Σh + 1, n), ``bias`` =
-    [b₀; …; b_{K−1}] of shape (Σh,), ``raw_weight[k]`` = V_k with W_k = softplus(V_k).
+    Parameters: ``input_weight`` = the column blocks of A = [A₀; …; A_{K−1}] (Σh × n in all),
+    ``linear_weight`` = c (n,), ``bias`` = [b₀; …; b_{K−1}] (Σh,), ``raw_weight[k]`` = V_k with
+    W_k = softplus(V_k) (the last one, w_Kᵀ, of shape (1, h_{K−1})).
 
     >>> psi = ICNN(3, [16, 16])
     >>> u = torch.randn(5, 3)
@@ -89,41 +100,59 @@ class ICNN(nn.Module):
 
     def __init__(self, input_dim: int, hidden: list[int] = [512],  # noqa: B006
                  activation: str = "leaky_relu", negative_slope: float = 0.2,
-                 init_fan_in: int | None = None) -> None:
+                 lift_dim: int | None = None) -> None:
         super().__init__()
         if int(input_dim) != input_dim or input_dim <= 0:
-            raise ValueError(f"input_dim must be a positive integer, got {input_dim}")
+            raise ConfigurationError(
+                f"input_dim must be a positive integer, got {input_dim}"
+            )
+        if lift_dim is not None and (int(lift_dim) != lift_dim or not 0 < lift_dim <= input_dim):
+            raise ConfigurationError(
+                f"lift_dim must be an integer in [1, input_dim={input_dim}], "
+                f"got {lift_dim}"
+            )
         self.hidden = check_hidden(hidden)
         if not self.hidden:
-            raise ValueError("hidden must list at least one width: ψ needs a hidden layer")
+            raise ConfigurationError(
+                "hidden must list at least one width: ψ needs a hidden layer"
+            )
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not convex and non-decreasing; "
-                             f"choose one of {', '.join(ACTIVATIONS)}")
+            raise ConfigurationError(
+                f"activation={activation!r} is not convex and non-decreasing; "
+                f"choose one of {', '.join(ACTIVATIONS)}"
+            )
         if not 0.0 <= negative_slope <= 1.0:
-            raise ValueError(f"negative_slope must lie in [0, 1] to keep ψ convex, "
-                             f"got {negative_slope}")
+            raise ConfigurationError(
+                f"negative_slope must lie in [0, 1] to keep ψ convex, "
+                f"got {negative_slope}"
+            )
         self.input_dim = int(input_dim)
         self.activation = activation
         self.negative_slope = float(negative_slope)
-        self.init_fan_in = int(init_fan_in or input_dim)
+        self.lift_dim = int(lift_dim) if lift_dim is not None else self.input_dim
         self._bounds = [0]
         for h in self.hidden:
             self._bounds.append(self._bounds[-1] + h)
         total = self._bounds[-1]
-        self.input_weight = nn.Parameter(torch.empty(total + 1, self.input_dim))
+        widths = [self.lift_dim, self.input_dim - self.lift_dim]
+        self.input_weight = nn.ParameterList(
+            nn.Parameter(torch.empty(total, w)) for w in widths if w > 0
+        )
+        self.linear_weight = nn.Parameter(torch.empty(self.input_dim))
         self.bias = nn.Parameter(torch.empty(total))
         self.raw_weight = nn.ParameterList(
             nn.Parameter(torch.empty(out, inp))
-            for inp, out in zip(self.hidden, [*self.hidden[1:], 1])
+            for inp, out in zip(self.hidden, [*self.hidden[1:], 1], strict=True)
         )
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.init_fan_in)
-        self.input_weight.uniform_(-bound, bound)
-        self.input_weight[-1].zero_()
+        bound = 1.0 / math.sqrt(self.lift_dim)
+        for block in self.input_weight:
+            block.uniform_(-bound, bound)
         self.bias.uniform_(-bound, bound)
+        self.linear_weight.zero_()
         for v in self.raw_weight:
             fan_in = v.shape[1]
             w = torch.empty_like(v).uniform_(0.1, 1.9) / fan_in
@@ -134,9 +163,14 @@ class ICNN(nn.Module):
         """The non-negative weights [W₀, …, W_{K−2}, w_Kᵀ] = softplus(V)."""
         return [F.softplus(v) for v in self.raw_weight]
 
+    def input_matrix(self) -> Tensor:
+        """A = [A₀; …; A_{K−1}] as one (Σh, n) tensor."""
+        blocks = list(self.input_weight)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, hidden={self.hidden}, "
-                f"activation={self.activation!r}")
+                f"activation={self.activation!r}, lift_dim={self.lift_dim}")
 
     # -- public maps --------------------------------------------------------------------------
 
@@ -152,70 +186,103 @@ class ICNN(nn.Module):
         """ψ(βv) for v of shape (..., m); ``beta`` a (n, m) matrix, or ``None`` for the
         zero-padding [I_m; 0]."""
         with no_autocast(v.device.type):
-            v, flat, weight, bias, weights = self._prepare(v, beta)
-            proj = torch.addmm(bias, flat, weight[:-1].t())
-            zs, _, h = self._hidden_pass(proj, weights)
-            psi = (h @ weights[-1].t()).squeeze(-1) + flat @ weight[-1]
+            flat, dtype, proj, weights = self._project(v, beta)
+            _, _, h = self._hidden_pass(proj, weights, last=True)
+            c = _cast(self.linear_weight, dtype)
+            c = c[: flat.shape[-1]] if beta is None else c @ _cast(beta, dtype)
+            psi = torch.addmv(flat @ c, h, weights[-1][0])
             return psi.reshape(v.shape[:-1])
 
     def lifted_gradient(self, v: Tensor, beta: Tensor | None = None,
                         L: float | Tensor = 0.0) -> Tensor:
         """∇ψ(βv) + L·βv, shape (..., n), for v of shape (..., m).
 
-        ``beta`` is a (n, m) matrix, or ``None`` for the zero-padding β = [I_m; 0] (then the
-        input projections are the column slice A[:, :m] and L·βv is added to the first m
-        outputs in place). A·β is computed once per call; βv is never formed for the layers.
+        ``beta`` is a (n, m) matrix, or ``None`` for the zero-padding β = [I_m; 0]. A·β is
+        computed once per call; βv is never formed for the layers.
         """
         with no_autocast(v.device.type):
-            v, flat, weight, bias, weights = self._prepare(v, beta)
-            proj = torch.addmm(bias, flat, weight[:-1].t())
-            zs, a0, _ = self._hidden_pass(proj, weights)
+            flat, dtype, proj, weights = self._project(v, beta)
+            zs, a0, _ = self._hidden_pass(proj, weights, last=False)
             delta = self._backward_pass(zs, a0, weights)
-            full = self.input_weight.to(flat.dtype)
-            out = torch.addmm(full[-1], delta, full[:-1])
             m = flat.shape[-1]
-            if beta is None:
-                out[:, :m] += flat * L
+            c = _cast(self.linear_weight, dtype)
+            blocks = [_cast(b, dtype) for b in self.input_weight]
+            padded = beta is None and m == self.lift_dim
+            if len(blocks) == 2:
+                # Σ_k A_kᵀδ_k block by block: concatenating the outputs (B × n) is cheaper
+                # than concatenating the weights (Σh × n).
+                lift = self.lift_dim
+                c_head = c[:lift] + flat * L if padded else c[:lift]
+                out = torch.cat([torch.addmm(c_head, delta, blocks[0]),
+                                 torch.addmm(c[lift:], delta, blocks[1])], dim=1)
             else:
-                out = out.addmm_(flat * L, beta.to(flat.dtype).t())
+                out = torch.addmm(c + flat * L if padded else c, delta, blocks[0])
+            if beta is not None:
+                out = out.addmm_(flat * L, _cast(beta, dtype).t())
+            elif not padded:
+                out[:, :m] += flat * L
             return out.reshape(*v.shape[:-1], self.input_dim)
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _prepare(self, v: Tensor, beta: Tensor | None):
+    def _project(self, v: Tensor, beta: Tensor | None):
+        """Input projections [A₀βv + b₀, …] of shape (B, Σh), from A·β of shape (Σh, m)."""
         m = v.shape[-1]
-        dtype = torch.promote_types(torch.promote_types(v.dtype, self.input_weight.dtype),
+        dtype = torch.promote_types(torch.promote_types(v.dtype, self.bias.dtype),
                                     torch.float32)
+        blocks = [_cast(b, dtype) for b in self.input_weight]
         if beta is None:
             if m > self.input_dim:
                 raise ValueError(f"a zero-padded input of size {m} does not fit input_dim="
                                  f"{self.input_dim}")
-            weight = self.input_weight.to(dtype)[:, :m]
+            if m == self.lift_dim:
+                weight = blocks[0]
+            else:
+                weight = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+                weight = weight[:, :m]
         else:
             if tuple(beta.shape) != (self.input_dim, m):
                 raise ValueError(f"beta must have shape ({self.input_dim}, {m}), "
                                  f"got {tuple(beta.shape)}")
-            weight = self.input_weight.to(dtype) @ beta.to(dtype)
-        flat = v.to(dtype).reshape(-1, m)
-        weights = [F.softplus(w.to(dtype)) for w in self.raw_weight]
-        return v, flat, weight, self.bias.to(dtype), weights
+            beta = _cast(beta, dtype)
+            weight = blocks[0] @ beta[: self.lift_dim]
+            if len(blocks) == 2:
+                weight = weight.addmm_(blocks[1], beta[self.lift_dim:])
+        flat = _cast(v, dtype).reshape(-1, m)
+        proj = torch.addmm(_cast(self.bias, dtype), flat, weight.t())
+        weights = [F.softplus(_cast(w, dtype)) for w in self.raw_weight]
+        return flat, dtype, proj, weights
 
-    def _act(self, z: Tensor) -> Tensor:
-        if self.activation == "softplus":
-            return F.softplus(z)
-        return F.leaky_relu(z, self.negative_slope)
+    def _slope(self, z: Tensor, square: bool = False) -> Tensor:
+        """LeakyReLU derivative a′(z) ∈ {s, 1} (or its square), without autograd history.
 
-    def _hidden_pass(self, proj: Tensor, weights: list[Tensor]):
-        """Forward through the hidden layers; returns pre-activations, a(z₀) and the last h."""
+        Built from ``sign`` because comparisons and ``where`` are several times slower on CPU.
+        At z = 0 exactly it gives the midpoint of the subdifferential (a null set).
+        """
+        s = self.negative_slope ** 2 if square else self.negative_slope
+        return torch.sign(z.detach()).mul_((1.0 - s) / 2).add_((1.0 + s) / 2)
+
+    def _hidden_pass(self, proj: Tensor, weights: list[Tensor], last: bool):
+        """Forward through the hidden layers: pre-activations z_k, then for the first layer
+        a(z₀) (softplus) or 2a(z₀)a′(z₀) (LeakyReLU), and h_{K−1} if ``last``."""
         b = self._bounds
+        depth = len(self.hidden)
         z = proj[:, b[0]:b[1]]
-        a0 = self._act(z)
-        h = a0 * a0
+        h = z
+        if self.activation == "softplus":
+            a0 = F.softplus(z)
+            if depth > 1 or last:
+                h = a0 * a0
+        else:
+            a0 = z * (2.0 * self._slope(z, square=True))  # 2a(z)a′(z) = 2z·a′(z)²
+            if depth > 1 or last:
+                h = (a0 * z).mul_(0.5)  # a(z)² = z²a′(z)²
         zs = [z]
-        for k in range(1, len(self.hidden)):
+        for k in range(1, depth):
             z = torch.addmm(proj[:, b[k]:b[k + 1]], h, weights[k - 1].t())
             zs.append(z)
-            h = self._act(z)
+            if k < depth - 1 or last:
+                h = F.softplus(z) if self.activation == "softplus" else z * self._slope(z)
         return zs, a0, h
 
     def _backward_pass(self, zs: list[Tensor], a0: Tensor, weights: list[Tensor]) -> Tensor:
@@ -223,22 +290,15 @@ class ICNN(nn.Module):
         g = weights[-1]  # ∂ψ/∂h_{K−1}, (1, h_{K−1}), broadcast over the batch
         deltas: list[Tensor] = []
         for k in range(len(zs) - 1, 0, -1):
-            d = self._act_backward(zs[k], g)
+            z = zs[k]
+            d = g * (torch.sigmoid(z) if self.activation == "softplus" else self._slope(z))
             deltas.append(d)
             g = d @ weights[k - 1]
-        z0 = zs[0]
         if self.activation == "softplus":
-            d0 = g * (2.0 * a0 * torch.sigmoid(z0))
+            deltas.append(g * (2.0 * a0 * torch.sigmoid(zs[0])))
         else:
-            s = self.negative_slope
-            d0 = g * torch.where(z0 > 0, 2.0 * z0, (2.0 * s * s) * z0)
-        deltas.append(d0)
+            deltas.append(g * a0)
         if len(deltas) == 1:
-            return d0
+            return deltas[0]
         return torch.cat(deltas[::-1], dim=1)
 
-    def _act_backward(self, z: Tensor, g: Tensor) -> Tensor:
-        """g ⊙ a′(z); a′ at 0 follows autograd's convention for leaky_relu (the slope)."""
-        if self.activation == "softplus":
-            return g * torch.sigmoid(z)
-        return torch.where(z > 0, g, g * self.negative_slope)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ilvae.decoders.base import Decoder
 from ilvae.decoders.icnn import ACTIVATIONS, ICNN, no_autocast
 from ilvae.encoders import check_hidden
+from ilvae.errors import ConfigurationError
 
 BETAS = ("fixed", "trainable")
 
@@ -38,7 +39,10 @@ def _check_constant(field: str, value: float | None) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
         math.isfinite(value) and value >= 0
     ):
-        raise ValueError(f"{field} must be a finite number >= 0 (0 gives LIDVAE), got {value!r}")
+        raise ConfigurationError(
+            f"{field} must be a finite number >= 0{' (L=0 is LIDVAE)' if field == 'L' else ''}, "
+            f"got {value!r}"
+        )
     return float(value)
 
 
@@ -50,7 +54,7 @@ def _split(L: float, L1: float | None, L2: float | None, s_min: float) -> tuple[
     if L1 is not None and L2 is not None:
         implied = L1 * L2 * s_min
         if not math.isclose(L, implied, rel_tol=1e-9, abs_tol=1e-12):
-            raise ValueError(
+            raise ConfigurationError(
                 f"L={L} is inconsistent with L1={L1}, L2={L2} and beta's smallest singular value "
                 f"{s_min}: the guaranteed constant is L1·L2·s_min = {implied}; pass L={implied} "
                 "or give only one of L1, L2"
@@ -59,8 +63,10 @@ def _split(L: float, L1: float | None, L2: float | None, s_min: float) -> tuple[
     field, given = ("L1", L1) if L1 is not None else ("L2", L2)
     if given == 0:
         if L > 0:
-            raise ValueError(f"{field}=0 cannot give a decoder constant L={L} > 0; "
-                             f"set {field} > 0 or L=0")
+            raise ConfigurationError(
+                f"{field}=0 cannot give a decoder constant L={L} > 0; "
+                f"set {field} > 0 or L=0"
+            )
         return 0.0, 0.0
     other = L / (given * s_min)
     return (given, other) if field == "L1" else (other, given)
@@ -118,20 +124,28 @@ class ILBrenierDecoder(Decoder):
                  binarize: bool = False) -> None:
         super().__init__(latent_dim, data_dim, likelihood, sigma, binarize)
         if self.data_dim < self.latent_dim:
-            raise ValueError(f"data_dim={data_dim} must be >= latent_dim={latent_dim}: the lift "
-                             "β: R^latent_dim → R^data_dim has to be injective")
+            raise ConfigurationError(
+                f"data_dim={data_dim} must be >= latent_dim={latent_dim}: the lift "
+                "β: R^latent_dim → R^data_dim has to be injective"
+            )
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is unknown; choose one of "
-                             f"{', '.join(ACTIVATIONS)}")
+            raise ConfigurationError(
+                f"activation={activation!r} is unknown; choose one of "
+                f"{', '.join(ACTIVATIONS)}"
+            )
         if beta not in BETAS:
-            raise ValueError(f"beta={beta!r} is unknown; choose one of {', '.join(BETAS)}")
+            raise ConfigurationError(
+                f"beta={beta!r} is unknown; choose one of {', '.join(BETAS)}"
+            )
         lo, hi = self._check_range(beta_singular_values)
         L = _check_constant("L", L)
         L1 = _check_constant("L1", L1)
         L2 = _check_constant("L2", L2)
         self.hidden = check_hidden(hidden)
         if not self.hidden:
-            raise ValueError("hidden must list at least one width for each ICNN, got []")
+            raise ConfigurationError(
+                "hidden must list at least one width for each ICNN, got []"
+            )
         self.activation = activation
         self.beta = beta
         self.beta_singular_values = (lo, hi)
@@ -146,7 +160,7 @@ class ILBrenierDecoder(Decoder):
 
         m, D = self.latent_dim, self.data_dim
         self.psi1 = ICNN(m, self.hidden, activation)
-        self.psi2 = ICNN(D, self.hidden, activation, init_fan_in=m)
+        self.psi2 = ICNN(D, self.hidden, activation, lift_dim=m)
         if beta == "trainable":
             self.beta_u = nn.Parameter(torch.eye(D, m))
             self.beta_v = nn.Parameter(torch.eye(m))
@@ -157,11 +171,15 @@ class ILBrenierDecoder(Decoder):
         try:
             lo, hi = (float(v) for v in values)
         except (TypeError, ValueError):
-            raise ValueError(f"beta_singular_values must be two numbers (lo, hi), "
-                             f"got {values!r}") from None
+            raise ConfigurationError(
+                f"beta_singular_values must be two numbers (lo, hi), "
+                f"got {values!r}"
+            ) from None
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
-            raise ValueError(f"beta_singular_values must satisfy 0 < lo <= hi (finite), "
-                             f"got {values!r}")
+            raise ConfigurationError(
+                f"beta_singular_values must satisfy 0 < lo <= hi (finite), "
+                f"got {values!r}"
+            )
         return lo, hi
 
     @property
@@ -178,8 +196,8 @@ class ILBrenierDecoder(Decoder):
     def beta_matrix(self) -> Tensor:
         """β as a (data_dim, latent_dim) matrix."""
         if self.beta == "fixed":
-            return torch.eye(self.data_dim, self.latent_dim, dtype=self.psi2.input_weight.dtype,
-                             device=self.psi2.input_weight.device)
+            return torch.eye(self.data_dim, self.latent_dim, dtype=self.psi2.bias.dtype,
+                             device=self.psi2.bias.device)
         return self._trainable_beta(self.beta_u.dtype)
 
     def _trainable_beta(self, dtype: torch.dtype) -> Tensor:
@@ -197,7 +215,7 @@ class ILBrenierDecoder(Decoder):
 
     def forward(self, z: Tensor) -> Tensor:
         """f(z) = ∇ψ₂(βv) + L₂βv with v = ∇ψ₁(z) + L₁z; shape (B, data_dim)."""
-        dtype = torch.promote_types(self.psi1.input_weight.dtype, torch.float32)
+        dtype = torch.promote_types(self.psi1.bias.dtype, torch.float32)
         with no_autocast(z.device.type):
             z = z.to(dtype)
             v = self.psi1.gradient(z, self.L1.to(dtype))

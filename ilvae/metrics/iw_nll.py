@@ -34,7 +34,7 @@ def _eval_mode(model: Any) -> Iterator[None]:
             mod.training = False
         yield
     finally:
-        for mod, flag in zip(modules, flags):
+        for mod, flag in zip(modules, flags, strict=True):
             mod.training = flag
 
 

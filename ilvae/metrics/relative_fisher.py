@@ -45,8 +45,8 @@ class RelativeFisherDivergence(Metric):
     guarantee for the estimate.
 
     ``update(x, model)``: x of shape (B, ...) as the likelihood expects it; ``model`` provides
-    ``encode(x) -> Normal``, ``decoder`` (``log_prob(x, z) -> (B,)``, optional ``L``) and
-    ``latent_dim``. The metric needs gradients, so it works even when the caller runs it under
+    ``encode(x) -> Normal`` (m = its event size) and ``decoder`` (``log_prob(x, z) -> (B,)``,
+    optional ``L``). The metric needs gradients, so it works even when the caller runs it under
     ``torch.no_grad()`` or ``torch.inference_mode()``: it computes on non-inference copies with
     gradients enabled, with respect to z only (model parameters get no ``.grad``). The model is
     in evaluation mode for the call (flags restored afterwards), so an adaptive-variance decoder

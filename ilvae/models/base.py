@@ -22,7 +22,8 @@ from ilvae.priors import Prior, StandardNormal
 
 def check_number(field: str, value: float, *, minimum: float = 0.0, strict: bool = False) -> float:
     """Raise ``ConfigurationError`` unless ``value`` is finite and ≥ (or >) ``minimum``."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)
     ok = ok and (value > minimum if strict else value >= minimum)
     if not ok:
         rel = ">" if strict else ">="

@@ -3,6 +3,7 @@ al.'s definition enumerated cycle by cycle, the PI controller holds a simulated 
 within its bounds, bad arguments are rejected by name, and a resumed run applies exactly the
 values of an uninterrupted one."""
 
+import itertools
 import math
 from fractions import Fraction
 
@@ -10,16 +11,15 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from ilvae.callbacks import InverseLipschitzAnnealing, KLAnnealing, TargetKLController
+from ilvae.callbacks.annealing import schedule
 from scipy.special import expit
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ilvae.callbacks import InverseLipschitzAnnealing, KLAnnealing, TargetKLController
-from ilvae.callbacks.annealing import schedule
 from ilvae.decoders.base import Decoder
 from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import MLPEncoder
-from ilvae.errors import ConfigurationError
 from ilvae.models import VAE
 
 # ----------------------------------------------------------------------------- shapes
@@ -55,7 +55,7 @@ def _closed_form(shape, steps, start, end, length, delay, drops=4, sharpness=10.
 @pytest.mark.parametrize("start,end", ENDPOINTS)
 @pytest.mark.parametrize("length,delay", [(100, 0), (37, 11), (1, 3)])
 def test_every_shape_equals_its_closed_form(shape, start, end, length, delay):
-    steps = range(0, delay + length + 20)
+    steps = range(delay + length + 20)
     got = [schedule(s, shape=shape, start=start, end=end, length=length, delay=delay)
            for s in steps]
     expected = _closed_form(shape, steps, start, end, length, delay)
@@ -86,7 +86,7 @@ def test_exponential_is_geometric_and_handles_a_zero_endpoint():
     np.testing.assert_allclose(got, [8.0, 4.0, 2.0, 1.0], rtol=1e-12)
     decay = [schedule(s, shape="exponential", start=5.0, end=0.0, length=10) for s in range(12)]
     assert decay[0] == 5.0 and decay[10] == 0.0 == decay[11]
-    assert all(a > b for a, b in zip(decay[:10], decay[1:11]))  # monotone down to exactly 0
+    assert all(a > b for a, b in itertools.pairwise(decay[:11]))  # monotone down to exactly 0
     assert all(math.isfinite(v) and v >= 0 for v in decay)
 
 

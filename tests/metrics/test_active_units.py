@@ -30,7 +30,7 @@ def test_variance_is_unbiased_at_every_threshold():
     loc = _means(25, [0.05, 0.1, 0.2, 0.4, 0.8])
     variance = np.sort(np.var(loc.numpy(), axis=0, ddof=1))
     cuts = np.concatenate([[0.0], (variance[1:] + variance[:-1]) / 2, [variance[-1] * 1.001]])
-    for expected, threshold in zip(range(5, -1, -1), cuts):
+    for expected, threshold in zip(range(5, -1, -1), cuts, strict=True):
         metric = ActiveUnits(threshold=float(threshold))
         _update_in_batches(metric, loc, [7, 7, 11])
         assert int(metric.compute()) == expected

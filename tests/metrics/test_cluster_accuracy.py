@@ -16,7 +16,7 @@ def _brute_force(clusters: torch.Tensor, labels: torch.Tensor, k: int, c: int) -
         maps = ([perm.index(j) if j in perm else -1 for j in range(k)]
                 for perm in itertools.permutations(range(k), c))
     for mapping in maps:
-        hits = sum(int(mapping[int(a)]) == int(b) for a, b in zip(clusters, labels))
+        hits = sum(int(mapping[int(a)]) == int(b) for a, b in zip(clusters, labels, strict=True))
         best = max(best, hits)
     return best / len(labels)
 
@@ -62,7 +62,7 @@ def test_updates_accumulate_like_one_update_on_all_data():
                                                                               generator=g)
     whole, parts = ClusterAccuracy(4), ClusterAccuracy(4)
     whole.update(clusters, labels)
-    for a, b in zip(clusters.split([3, 50, 27]), labels.split([3, 50, 27])):
+    for a, b in zip(clusters.split([3, 50, 27]), labels.split([3, 50, 27]), strict=True):
         parts.update(a, b)
     assert torch.equal(parts.confusion, whole.confusion)
     assert float(parts.compute()) == float(whole.compute())

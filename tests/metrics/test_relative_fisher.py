@@ -136,7 +136,7 @@ class _CorrelatedNormal:
     def __init__(self, loc: torch.Tensor, chol: torch.Tensor) -> None:
         self.loc, self.chol = loc, chol
 
-    def sample(self, shape=torch.Size()):
+    def sample(self, shape=()):
         eps = torch.randn(*shape, *self.loc.shape)
         return self.loc + eps @ self.chol.T
 

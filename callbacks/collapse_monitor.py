@@ -1,0 +1,131 @@
+"""Collapse metrics on the validation set, logged to TensorBoard every N epochs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ilvae.callbacks.images import tensorboard
+from ilvae.metrics import (
+    ActiveUnits,
+    EpsilonCollapse,
+    ImportanceWeightedNLL,
+    KLPerDimension,
+    MutualInformation,
+    RelativeFisherDivergence,
+)
+
+
+class CollapseMonitor(L.Callback):
+    """Every ``every_n_epochs`` validation epochs, compute the collapse metrics of
+    :mod:`ilvae.metrics` over the validation set and log them as
+
+    ``val/active_units`` (Burda et al., threshold ``au_threshold``), ``val/mutual_info``
+    (aggregate posterior over the whole validation set), ``val/epsilon_collapsed`` and
+    ``val/epsilon_delta_collapsed`` (Lucas et al.), ``val/iw_nll`` (K = ``num_iw_samples``),
+    ``val/relative_fisher`` and ``val/relative_fisher_bound`` (m·L²/σ², Gaussian IL decoders).
+
+    The model's own ``validation_step`` logs ``val/kl``; this callback adds the per-dimension KL
+    as a TensorBoard histogram (``val/kl_per_dim``) and a bar chart (``collapse/kl_per_dim``).
+
+    The metrics are torchmetrics states updated batch by batch from the validation loop, so
+    under multi-process training each process sees its shard and the values are synchronised.
+    The importance-weighted NLL and the Fisher divergence cost K (resp. one extra backward)
+    decoder passes per example; they use at most ``max_examples`` validation examples per process
+    (None: all). The callback reads the model only through ``encode``, ``decoder`` and ``prior``.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, num_iw_samples: int = 500,
+                 iw_chunk_size: int = 50, eps: float = 0.01, delta: float = 0.01,
+                 au_threshold: float = 0.01, max_examples: int | None = 1000,
+                 iw_nll: bool = True, relative_fisher: bool = True) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if num_iw_samples < 1:
+            raise ValueError(f"num_iw_samples must be >= 1, got {num_iw_samples}")
+        self.every_n_epochs = every_n_epochs
+        self.max_examples = max_examples
+        self.metrics = nn.ModuleDict({
+            "kl": KLPerDimension(),
+            "active_units": ActiveUnits(threshold=au_threshold),
+            "mutual_info": MutualInformation(),
+            "epsilon": EpsilonCollapse(eps=eps, delta=delta),
+        })
+        if iw_nll:
+            self.metrics["iw_nll"] = ImportanceWeightedNLL(num_samples=num_iw_samples,
+                                                           chunk_size=iw_chunk_size)
+        if relative_fisher:
+            self.metrics["relative_fisher"] = RelativeFisherDivergence()
+        self._seen = 0
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metrics.to(pl_module.device)
+        for metric in self.metrics.values():
+            metric.reset()
+        self._seen = 0
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if not self._active(trainer):
+            return
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        posterior = pl_module.encode(x)
+        for name in ("kl", "active_units", "mutual_info", "epsilon"):
+            self.metrics[name].update(posterior)
+        room = x.shape[0] if self.max_examples is None else self.max_examples - self._seen
+        if room > 0:
+            x_model = x[:room]
+            for name in ("iw_nll", "relative_fisher"):
+                if name in self.metrics:
+                    self.metrics[name].update(x_model, pl_module)
+            self._seen += x_model.shape[0]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._active(trainer) or self.metrics["kl"].update_count == 0:
+            return
+        values: dict[str, torch.Tensor] = {}
+        kl = self.metrics["kl"].compute()
+        values["val/active_units"] = self.metrics["active_units"].compute()
+        values["val/mutual_info"] = self.metrics["mutual_info"].compute()
+        eps = self.metrics["epsilon"].compute()
+        values["val/epsilon_collapsed"] = eps["epsilon_collapsed"]
+        values["val/epsilon_delta_collapsed"] = eps["epsilon_delta_collapsed"]
+        if "iw_nll" in self.metrics and self.metrics["iw_nll"].update_count:
+            values["val/iw_nll"] = self.metrics["iw_nll"].compute()
+        if "relative_fisher" in self.metrics and self.metrics["relative_fisher"].update_count:
+            fisher = self.metrics["relative_fisher"].compute()
+            values["val/relative_fisher"] = fisher["relative_fisher"]
+            if torch.isfinite(fisher["relative_fisher_bound"]):
+                values["val/relative_fisher_bound"] = fisher["relative_fisher_bound"]
+        for name, value in values.items():
+            # Metrics are already synchronised across processes by torchmetrics.
+            pl_module.log(name, value.float(), on_step=False, on_epoch=True, sync_dist=False)
+        self.last_kl_per_dim = kl["kl_per_dim"].detach().cpu()
+        if trainer.is_global_zero:
+            self._log_pictures(trainer, self.last_kl_per_dim)
+
+    def _log_pictures(self, trainer: L.Trainer, kl_per_dim: torch.Tensor) -> None:
+        writer = tensorboard(trainer)
+        if writer is None:
+            return
+        step = trainer.global_step
+        writer.add_histogram("val/kl_per_dim", kl_per_dim, step)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(kl_per_dim)), 3))
+        ax.bar(range(len(kl_per_dim)), kl_per_dim.numpy(), color="tab:blue")
+        ax.set_xlabel("latent dimension")
+        ax.set_ylabel("mean KL (nats)")
+        ax.set_title(f"KL per dimension, epoch {trainer.current_epoch}")
+        fig.tight_layout()
+        writer.add_figure("collapse/kl_per_dim", fig, step)

@@ -1,0 +1,186 @@
+"""FID callback: Fréchet distance between samples from the prior and real data, every N epochs.
+
+    FID = ‖μ_r − μ_g‖² + tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^{1/2})        (Heusel et al. 2017)
+
+computed by torch-fidelity (see :mod:`ilvae.fid` for the feature networks and image
+conversion) and logged as ``val/fid``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from ilvae.errors import ConfigurationError
+from ilvae.fid import (
+    CLASSIFIER_EXTRACTOR,
+    INCEPTION_EXTRACTOR,
+    compute_fid,
+    load_feature_classifier,
+    to_uint8,
+    train_feature_classifier,
+)
+
+_STAGES = ("train", "fit", "val", "validate", "test")
+
+
+class FID(Callback):
+    """Log ``val/fid`` between ``num_samples`` draws E[x|z], z ~ p(z), and real data.
+
+    At the end of every ``every_n_epochs``-th validation epoch of ``fit`` (and of every
+    ``validate`` run) the callback draws ``pl_module.sample(n)`` in eval mode under
+    ``torch.inference_mode()``, with the random state forked and seeded by ``seed`` (the same
+    z every time, so successive scores differ only through the model, and training's random
+    stream is untouched), and compares the samples with real images of the datamodule's
+    ``stage`` split (``datamodule.tensors(stage)``; a fixed random subset of ``num_samples``
+    when the split is larger). Images must have shape (C, H, W) with values in [0, 1].
+
+    Distributed runs: global rank 0 samples and scores; the value is broadcast to every rank,
+    and each logs the same number (so ``val/fid`` can be monitored, e.g. by checkpointing).
+    With ``train_classifier``, rank 0 trains the classifier and the others wait at a barrier,
+    so ``weights_path`` must be on a file system every rank sees.
+
+    Args:
+        every_n_epochs: score after validation of epochs N, 2N, … (1-based).
+        num_samples: number of prior samples (and at most as many real images).
+        feature_extractor: torch-fidelity registry name: ``"inception-v3-compat"`` (standard
+            FID; torch-fidelity downloads its weights unless ``weights_path`` is given) or
+            ``"ilvae-classifier"`` (offline; needs ``weights_path``), or another registered one.
+        weights_path: local weights: the Inception file or the classifier file made by
+            ``python -m ilvae.fid train --data NAME --out PATH``.
+        stage: split of the real data: ``train``, ``val`` or ``test``.
+        train_classifier: with ``"ilvae-classifier"`` and no file at ``weights_path``, train
+            the classifier on the datamodule's training split at setup and save it there.
+        batch_size: images per sampling and feature-extraction batch.
+        seed: seed of the prior draws and of the real-data subset.
+
+    Example::
+
+        trainer = Trainer(callbacks=[FID(every_n_epochs=5, feature_extractor="ilvae-classifier",
+                                         weights_path="digits_classifier.pt")])
+    """
+
+    metric_name = "val/fid"
+
+    def __init__(self, every_n_epochs: int = 5, num_samples: int = 1000,
+                 feature_extractor: str = INCEPTION_EXTRACTOR, weights_path: str | None = None,
+                 stage: str = "val", train_classifier: bool = False, batch_size: int = 256,
+                 seed: int = 0) -> None:
+        for field, value, minimum in (("every_n_epochs", every_n_epochs, 1),
+                                      ("num_samples", num_samples, 2),
+                                      ("batch_size", batch_size, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigurationError(f"FID {field}={value!r} is not allowed: expected an "
+                                         f"integer >= {minimum}")
+        if stage not in _STAGES:
+            raise ConfigurationError(f"FID stage={stage!r} is not allowed: expected one of "
+                                     f"{list(_STAGES)}")
+        if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
+            raise ConfigurationError(f"FID feature_extractor={feature_extractor!r} is not "
+                                     "registered with torch-fidelity; registered: "
+                                     f"{sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+        if feature_extractor == CLASSIFIER_EXTRACTOR and weights_path is None:
+            raise ConfigurationError(f"FID feature_extractor={CLASSIFIER_EXTRACTOR!r} needs "
+                                     "weights_path: a classifier file made by `python -m "
+                                     "ilvae.fid train --data NAME --out PATH` (or set "
+                                     "train_classifier=True to make it at setup)")
+        self.every_n_epochs = every_n_epochs
+        self.num_samples = num_samples
+        self.feature_extractor = feature_extractor
+        self.weights_path = None if weights_path is None else os.fspath(weights_path)
+        self.stage = stage
+        self.train_classifier = bool(train_classifier)
+        self.batch_size = batch_size
+        self.seed = seed
+        self._real: Tensor | None = None
+
+    # ------------------------------------------------------------------ set-up checks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage not in ("fit", "validate"):
+            return
+        self._real = None
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "tensors"):
+            raise ConfigurationError("FID needs a datamodule with tensors(stage) (every ilvae "
+                                     "datamodule has one) to read the real images")
+        data_shape = tuple(getattr(pl_module, "data_shape", ()))
+        if len(data_shape) != 3:
+            raise ConfigurationError(f"FID needs image data of shape (C, H, W); the model's "
+                                     f"data_shape is {data_shape}")
+        if len(datamodule.tensors(self.stage)[0]) < 2:
+            raise ConfigurationError(f"FID stage={self.stage!r}: that split has fewer than 2 "
+                                     "images; choose another stage")
+        path = self.weights_path
+        if path is not None and not os.path.isfile(path):
+            if self.feature_extractor != CLASSIFIER_EXTRACTOR or not self.train_classifier:
+                raise ConfigurationError(f"FID weights_path={path!r} is not a file")
+            if trainer.is_global_zero:
+                x, y = datamodule.tensors("train")
+                train_feature_classifier(x, y, num_classes=getattr(datamodule, "num_classes",
+                                                                   None), path=path)
+            trainer.strategy.barrier("ilvae-fid-classifier")
+        if self.feature_extractor == CLASSIFIER_EXTRACTOR:
+            trained_on = load_feature_classifier(path).input_shape
+            channels = {trained_on[0], data_shape[0]}
+            if len(channels) > 1 and channels != {1, 3}:
+                raise ConfigurationError(f"FID weights_path={path!r}: classifier images "
+                                         f"{trained_on} cannot take data of shape {data_shape}")
+            if trained_on != data_shape:
+                rank_zero_warn(f"FID classifier {path!r} was trained on images {trained_on}, the "
+                               f"data are {data_shape}: images will be converted")
+
+    # ------------------------------------------------------------------------ scoring
+    def on_validation_epoch_end(self, trainer: pl.Trainer,
+                                pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        value = 0.0
+        if trainer.is_global_zero:
+            value = self.score(pl_module, self._real_images(trainer.datamodule))
+        value = float(trainer.strategy.broadcast(value, src=0))
+        pl_module.log(self.metric_name, value, on_step=False, on_epoch=True, batch_size=1)
+
+    def score(self, pl_module: pl.LightningModule, real: Tensor) -> float:
+        """FID between ``num_samples`` prior samples of ``pl_module`` and images ``real``."""
+        samples = self.sample(pl_module)
+        if not bool(torch.isfinite(samples).all()):
+            rank_zero_warn("FID: the model's samples contain NaN or infinite values; "
+                           "logging val/fid = nan")
+            return math.nan
+        return compute_fid(real, samples, feature_extractor=self.feature_extractor,
+                           weights_path=self.weights_path, batch_size=self.batch_size,
+                           device=pl_module.device)
+
+    def sample(self, pl_module: pl.LightningModule) -> Tensor:
+        """``num_samples`` draws E[x|z], z ~ p(z), in eval mode, seeded by ``seed``, on CPU."""
+        device = pl_module.device
+        forked = [device.index or 0] if device.type == "cuda" else []
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.inference_mode(), torch.random.fork_rng(devices=forked):
+                torch.manual_seed(self.seed)
+                chunks = [pl_module.sample(min(self.batch_size, self.num_samples - start)).cpu()
+                          for start in range(0, self.num_samples, self.batch_size)]
+        finally:
+            pl_module.train(was_training)
+        samples = torch.cat(chunks)
+        return samples.reshape(len(samples), *pl_module.data_shape).float()
+
+    def _real_images(self, datamodule: pl.LightningDataModule) -> Tensor:
+        if self._real is None:
+            x, _ = datamodule.tensors(self.stage)
+            if len(x) > self.num_samples:
+                generator = torch.Generator().manual_seed(self.seed)
+                x = x[torch.randperm(len(x), generator=generator)[:self.num_samples].sort().values]
+            self._real = to_uint8(x.cpu())
+        return self._real

@@ -1,0 +1,75 @@
+"""2-D scatter of posterior means coloured by label, as in the IL paper's posterior figures."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from ilvae.callbacks.images import tensorboard
+
+
+class LatentPlot(L.Callback):
+    """Every ``every_n_epochs`` validation epochs, log ``latent/posterior_means``: the posterior
+    means E_q[z|x] of up to ``num_points`` validation examples on latent dimensions ``dims``,
+    coloured by label.
+
+    For the two-Gaussian toy data (a datamodule with ``means`` and ``sigma``) a second panel shows
+    the data with the true component means and their 2σ circles, the reference the posterior
+    should separate; the Bayes accuracy Φ(‖μ₁ − μ₂‖ / 2σ) is written in its title.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, num_points: int = 2000,
+                 dims: tuple[int, int] = (0, 1)) -> None:
+        if every_n_epochs < 1 or num_points < 1:
+            raise ValueError("every_n_epochs and num_points must be positive integers, got "
+                             f"{every_n_epochs} and {num_points}")
+        self.every_n_epochs = every_n_epochs
+        self.num_points = num_points
+        self.dims = tuple(dims)
+
+    def figure(self, loc: torch.Tensor, y: torch.Tensor, dm: object = None):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        toy = dm is not None and hasattr(dm, "means") and hasattr(dm, "sigma")
+        fig, axes = plt.subplots(1, 2 if toy else 1, figsize=(9 if toy else 4.5, 4),
+                                 squeeze=False)
+        i, j = self.dims if loc.shape[1] > 1 else (0, 0)
+        ax = axes[0, 0]
+        labelled = y >= 0
+        ax.scatter(loc[:, i], loc[:, j], c=y.where(labelled, 0).numpy() if labelled.any()
+                   else "tab:blue", cmap="tab10", s=4, alpha=0.6)
+        ax.set_xlabel(f"E[z_{i}|x]")
+        ax.set_ylabel(f"E[z_{j}|x]")
+        ax.set_title("posterior means")
+        if toy:
+            ax = axes[0, 1]
+            x = dm.tensors("val")[0][: self.num_points]
+            ax.scatter(x[:, 0], x[:, 1], c=y.numpy() if labelled.any() else "tab:blue",
+                       cmap="tab10", s=4, alpha=0.4)
+            for mean in torch.as_tensor(dm.means):
+                ax.add_patch(plt.Circle(tuple(mean.tolist()), 2 * float(dm.sigma), fill=False,
+                                        color="black", lw=1.5))
+                ax.plot(*mean.tolist(), "k+", ms=12)
+            ax.set_aspect("equal")
+            acc = getattr(dm, "bayes_accuracy", None)
+            ax.set_title(f"data, true means ± 2σ (Bayes acc. {acc:.3f})" if acc else "data")
+        fig.tight_layout()
+        return fig
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
+            return
+        writer = tensorboard(trainer)
+        dm = getattr(trainer, "datamodule", None)
+        if writer is None or dm is None or not hasattr(dm, "tensors"):
+            return
+        x, y = dm.tensors("val")
+        x, y = x[: self.num_points], y[: self.num_points]
+        with torch.inference_mode():
+            loc = pl_module.encode(x.to(pl_module.device)).loc.cpu()
+        writer.add_figure("latent/posterior_means", self.figure(loc, y, dm), trainer.global_step)
