@@ -2,12 +2,14 @@
 
 from ilvae.callbacks.annealing import InverseLipschitzAnnealing, KLAnnealing, TargetKLController
 from ilvae.callbacks.collapse_monitor import CollapseMonitor
+from ilvae.callbacks.fid import FID
 from ilvae.callbacks.images import ImageLogger
 from ilvae.callbacks.latent_plot import LatentPlot
 
 __all__ = [
     "InverseLipschitzAnnealing", "KLAnnealing", "TargetKLController",  # annealing
     "CollapseMonitor",  # collapse_monitor
+    "FID",  # fid
     "ImageLogger",  # images
     "LatentPlot",  # latent_plot
 ]

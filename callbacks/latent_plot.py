@@ -40,16 +40,15 @@ class LatentPlot(L.Callback):
         i, j = self.dims if loc.shape[1] > 1 else (0, 0)
         ax = axes[0, 0]
         labelled = y >= 0
-        ax.scatter(loc[:, i], loc[:, j], c=y.where(labelled, 0).numpy() if labelled.any()
-                   else "tab:blue", cmap="tab10", s=4, alpha=0.6)
+        colour = {"c": y.numpy(), "cmap": "tab10"} if labelled.any() else {"c": "tab:blue"}
+        ax.scatter(loc[:, i], loc[:, j], s=4, alpha=0.6, **colour)
         ax.set_xlabel(f"E[z_{i}|x]")
         ax.set_ylabel(f"E[z_{j}|x]")
         ax.set_title("posterior means")
         if toy:
             ax = axes[0, 1]
             x = dm.tensors("val")[0][: self.num_points]
-            ax.scatter(x[:, 0], x[:, 1], c=y.numpy() if labelled.any() else "tab:blue",
-                       cmap="tab10", s=4, alpha=0.4)
+            ax.scatter(x[:, 0], x[:, 1], s=4, alpha=0.4, **colour)
             for mean in torch.as_tensor(dm.means):
                 ax.add_patch(plt.Circle(tuple(mean.tolist()), 2 * float(dm.sigma), fill=False,
                                         color="black", lw=1.5))

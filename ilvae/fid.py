@@ -98,12 +98,9 @@ class FeatureClassifier(nn.Module):
         if len(input_shape) != 3 or min(input_shape) <= 0:
             raise ConfigurationError(f"input_shape={input_shape} is not allowed: expected image "
                                      "sizes (C, H, W)")
-        for field, value in (("num_classes", num_classes), ("feature_dim", feature_dim),
-                             ("width", width)):
-            if int(value) != value or value < (2 if field == "num_classes" else 1):
-                raise ConfigurationError(f"{field}={value!r} is not allowed: expected a "
-                                         "positive integer" + (" >= 2" if field ==
-                                                               "num_classes" else ""))
+        _check_int("num_classes", num_classes, 2)
+        _check_int("feature_dim", feature_dim, 1)
+        _check_int("width", width, 1)
         self.input_shape = input_shape
         self.num_classes = int(num_classes)
         self.feature_dim = int(feature_dim)
@@ -130,6 +127,13 @@ class FeatureClassifier(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"input_shape": list(self.input_shape), "num_classes": self.num_classes,
                 "feature_dim": self.feature_dim, "width": self.width}
+
+
+def _check_int(field: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ConfigurationError(f"{field}={value!r} is not allowed: expected an integer >= "
+                                 f"{minimum}")
+    return int(value)
 
 
 def _check_labelled(x: Tensor, y: Tensor, field: str) -> None:
@@ -169,15 +173,16 @@ def train_feature_classifier(x: Tensor, y: Tensor, *, num_classes: int | None = 
                              x_val: Tensor | None = None, y_val: Tensor | None = None,
                              feature_dim: int = 64, width: int = 32, epochs: int = 15,
                              batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+                             device: str | torch.device = "cpu",
                              path: str | os.PathLike | None = None,
                              metadata: dict[str, Any] | None = None) -> FeatureClassifier:
     """Train a :class:`FeatureClassifier` by cross-entropy with Adam and optionally save it.
 
     Images ``x`` (N, C, H, W) in [0, 1] are quantised to uint8 and back first, exactly as the
-    feature extractor sees them. The run is deterministic in ``seed`` and leaves the global
-    random state untouched. With ``x_val``/``y_val``, the held-out accuracy is stored in
-    ``classifier.metadata["val_accuracy"]`` (and in the saved file); the training accuracy is
-    always stored as ``train_accuracy``.
+    feature extractor sees them. Training runs on ``device``; on a given device it is
+    deterministic in ``seed`` and leaves the global random state untouched. The training
+    accuracy is stored in ``classifier.metadata["train_accuracy"]`` (and in the saved file),
+    and with ``x_val``/``y_val`` the held-out accuracy as ``val_accuracy``.
 
     Returns the classifier in eval mode, on the CPU.
     """
@@ -189,26 +194,24 @@ def train_feature_classifier(x: Tensor, y: Tensor, *, num_classes: int | None = 
     if int(y.max()) >= num_classes:
         raise ConfigurationError(f"num_classes={num_classes} is too small for label "
                                  f"{int(y.max())}")
-    for field, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if int(value) != value or value < 1:
-            raise ConfigurationError(f"{field}={value!r} is not allowed: expected a positive "
-                                     "integer")
-    xq = _quantise(x)
-    with torch.random.fork_rng(devices=[]):
+    epochs, batch_size = _check_int("epochs", epochs, 1), _check_int("batch_size", batch_size, 1)
+    device = torch.device(device)
+    xq, y_dev = _quantise(x).to(device), y.to(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        classifier = FeatureClassifier(x.shape[1:], num_classes, feature_dim, width)
+        classifier = FeatureClassifier(x.shape[1:], num_classes, feature_dim, width).to(device)
         optimiser = torch.optim.Adam(classifier.parameters(), lr=lr)
         order = torch.Generator().manual_seed(seed)
         classifier.train()
-        for _ in range(int(epochs)):
-            permutation = torch.randperm(len(xq), generator=order)
-            for start in range(0, len(xq), int(batch_size)):
-                index = permutation[start:start + int(batch_size)]
-                loss = F.cross_entropy(classifier(xq[index]), y[index])
+        for _ in range(epochs):
+            permutation = torch.randperm(len(xq), generator=order).to(device)
+            for start in range(0, len(xq), batch_size):
+                index = permutation[start:start + batch_size]
+                loss = F.cross_entropy(classifier(xq[index]), y_dev[index])
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
-    classifier.eval()
+    classifier = classifier.cpu().eval()
     classifier.metadata = dict(metadata or {})
     classifier.metadata["train_accuracy"] = classifier_accuracy(classifier, x, y)
     if x_val is not None and y_val is not None:
@@ -487,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--feature-dim", type=int, default=64)
     train.add_argument("--width", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     args = parser.parse_args(argv)
     try:
         datamodule = _datamodule_class(args.data)(**dict(args.data_arg))
@@ -497,9 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         classifier = train_feature_classifier(
             x, y, num_classes=getattr(datamodule, "num_classes", None), x_val=x_val,
             y_val=y_val, feature_dim=args.feature_dim, width=args.width, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, seed=args.seed, path=args.out,
+            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+            path=args.out,
             metadata={"data": args.data})
-    except ConfigurationError as exc:
+    except ValueError as exc:  # ConfigurationError and the datamodules' argument checks
         parser.exit(2, f"error: {exc}\n")
     accuracy = {k: round(v, 4) for k, v in classifier.metadata.items() if k.endswith("accuracy")}
     print(f"saved feature classifier to {args.out} {accuracy}")

@@ -178,7 +178,7 @@ def test_training_is_deterministic_in_seed_and_keeps_global_rng(digits):
     a = fid.train_feature_classifier(x, y, width=4, feature_dim=8, epochs=1, seed=3)
     assert torch.equal(torch.get_rng_state(), state)
     b = fid.train_feature_classifier(x, y, width=4, feature_dim=8, epochs=1, seed=3)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
 
 

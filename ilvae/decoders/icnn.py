@@ -8,9 +8,11 @@ IL-LIDVAE (Kinoshita et al., ICML 2023), with K hidden layers of widths
     z_k = W_{k−1}h_{k−1} + A_ku + b_k,   h_k = a(z_k)          k = 1 … K−1
     ψ(u) = w_Kᵀ h_{K−1} + cᵀu                                    (output layer, width 1)
 
-with ``a`` = LeakyReLU(0.2) (or softplus, whose gradient map has a continuous Jacobian) and every
-W_k ≥ 0 and w_K ≥ 0. ψ is convex: a(·)² of an affine map is convex, and a non-negative combination
-of convex functions passed through a convex non-decreasing ``a`` stays convex.
+with ``a`` = LeakyReLU(0.2) (or softplus log(1 + e^z), whose gradient map has a continuous
+Jacobian) and every W_k ≥ 0 and w_K ≥ 0. ψ is convex: a(t)² is convex (t² for t > 0 and s²t²
+below for LeakyReLU; the square of a non-negative convex function for softplus), so h₀ is convex
+in u, and a non-negative combination of convex functions plus an affine term, passed through a
+convex non-decreasing ``a``, stays convex.
 
 The gradient is written out as the backward pass of this feed-forward net, in ordinary tensor ops
 that reuse the pre-activations z_k of the forward pass::
@@ -65,6 +67,13 @@ ACTIVATIONS = ("leaky_relu", "softplus")
 def _softplus_inverse(w: Tensor) -> Tensor:
     # log(exp(w) − 1), stable for small w.
     return w + torch.log(-torch.expm1(-w))
+
+
+def _softplus(z: Tensor) -> Tensor:
+    # log(1 + e^z) without F.softplus's switch to the identity above 20: that switch drops the
+    # function by up to 2e-9 (a kink that breaks convexity at that level) and makes autograd's
+    # derivative differ from the σ(z) of the explicit backward pass.
+    return torch.logaddexp(z, z.new_zeros(()))
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -270,7 +279,7 @@ class ICNN(nn.Module):
         z = proj[:, b[0]:b[1]]
         h = z
         if self.activation == "softplus":
-            a0 = F.softplus(z)
+            a0 = _softplus(z)
             if depth > 1 or last:
                 h = a0 * a0
         else:
@@ -282,7 +291,7 @@ class ICNN(nn.Module):
             z = torch.addmm(proj[:, b[k]:b[k + 1]], h, weights[k - 1].t())
             zs.append(z)
             if k < depth - 1 or last:
-                h = F.softplus(z) if self.activation == "softplus" else z * self._slope(z)
+                h = _softplus(z) if self.activation == "softplus" else z * self._slope(z)
         return zs, a0, h
 
     def _backward_pass(self, zs: list[Tensor], a0: Tensor, weights: list[Tensor]) -> Tensor:

@@ -13,8 +13,8 @@ Lipschitz: ‖g_i(u) − g_i(u′)‖ ≥ L_i‖u − u′‖. With s_min the sm
     ‖f(z) − f(z′)‖ ≥ L₁ · s_min · L₂ · ‖z − z′‖ = L ‖z − z′‖.
 
 ``L`` is this guaranteed constant of the whole map z ↦ f(z). By default it is split evenly,
-L₁ = L₂ = √(L / s_min). L = 0 gives LIDVAE (f still injective, since ψ_i is strictly convex almost
-everywhere, but without a quantitative bound).
+L₁ = L₂ = √(L / s_min). L = 0 gives LIDVAE, whose injectivity rests on ψ_i being strictly convex
+(which a LeakyReLU ICNN does not guarantee everywhere); L > 0 makes it hold with a margin.
 """
 
 from __future__ import annotations
@@ -72,13 +72,12 @@ def _split(L: float, L1: float | None, L2: float | None, s_min: float) -> tuple[
     return (given, other) if field == "L1" else (other, given)
 
 
-def _fill_up(buffer: Tensor, value: float) -> None:
-    """Store ``value`` in ``buffer``, rounded up so the stored constant never undercuts it."""
-    t = torch.tensor(value, dtype=buffer.dtype)
+def _round_up(value: float, dtype: torch.dtype) -> Tensor:
+    """``value`` as a 0-d tensor of ``dtype``, rounded up rather than to nearest."""
+    t = torch.tensor(value, dtype=dtype)
     if float(t) < value:
-        t = torch.nextafter(t, torch.tensor(math.inf, dtype=buffer.dtype))
-    with torch.no_grad():
-        buffer.fill_(t.item())
+        t = torch.nextafter(t, torch.tensor(math.inf, dtype=dtype))
+    return t
 
 
 class ILBrenierDecoder(Decoder):
@@ -155,8 +154,7 @@ class ILBrenierDecoder(Decoder):
         self._ratio = L1 / L2 if L1 > 0 and L2 > 0 else 1.0
         self.register_buffer("L1", torch.zeros(()))
         self.register_buffer("L2", torch.zeros(()))
-        _fill_up(self.L1, L1)
-        _fill_up(self.L2, L2)
+        self._store(L1, L2, L)
 
         m, D = self.latent_dim, self.data_dim
         self.psi1 = ICNN(m, self.hidden, activation)
@@ -190,8 +188,26 @@ class ILBrenierDecoder(Decoder):
     @L.setter
     def L(self, value: float) -> None:
         value = _check_constant("L", value)
-        _fill_up(self.L1, math.sqrt(value * self._ratio / self.s_min))
-        _fill_up(self.L2, math.sqrt(value / (self._ratio * self.s_min)))
+        self._store(math.sqrt(value * self._ratio / self.s_min),
+                    math.sqrt(value / (self._ratio * self.s_min)), value)
+
+    def _store(self, L1: float, L2: float, L: float) -> None:
+        # Round up in the buffers' precision so that the stored product never undercuts L.
+        dtype = self.L1.dtype
+        inf = torch.tensor(math.inf, dtype=dtype)
+        t1, t2 = _round_up(L1, dtype), _round_up(L2, dtype)
+        product = float(t1) * float(t2) * self.s_min
+        if not math.isfinite(product) or (L > 0 and product == 0):
+            raise ConfigurationError(
+                f"L={L} (L1={L1:g}, L2={L2:g}) cannot be stored in {dtype}; "
+                "choose a value of moderate size"
+            )
+        while product < L:
+            t2 = torch.nextafter(t2, inf)
+            product = float(t1) * float(t2) * self.s_min
+        with torch.no_grad():
+            self.L1.fill_(float(t1))
+            self.L2.fill_(float(t2))
 
     def beta_matrix(self) -> Tensor:
         """β as a (data_dim, latent_dim) matrix."""

@@ -43,7 +43,8 @@ def _trainer(tmp_path, callback, max_epochs):
     return Trainer(max_epochs=max_epochs, limit_train_batches=4, accelerator="cpu", devices=1,
                    logger=CSVLogger(tmp_path, name="run"), callbacks=[callback],
                    enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, num_sanity_val_steps=1)
+                   enable_model_summary=False, num_sanity_val_steps=1,
+                   log_every_n_steps=1)
 
 
 def test_vae_logs_fid_every_n_epochs_with_plugin_classifier(tmp_path, monkeypatch):

@@ -156,9 +156,10 @@ def test_potential_matches_layer_formulas_and_midpoint_test_can_fail(activation)
     psi = _icnn([16, 8], activation, dtype=torch.float64)
     u = 2 * torch.randn(2000, N, dtype=torch.float64)
     v = u + torch.randn(2000, N, dtype=torch.float64)
-    torch.testing.assert_close(psi(u), _by_hand(psi, u), atol=1e-12, rtol=0)
-    # Control: with a negative W₀ the same midpoint test reports non-convexity.
-    gap = (_by_hand(psi, u, -1) + _by_hand(psi, v, -1)) / 2 - _by_hand(psi, (u + v) / 2, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(psi(u), _by_hand(psi, u), atol=1e-12, rtol=0)
+        # Control: with a negative W₀ the same midpoint test reports non-convexity.
+        gap = (_by_hand(psi, u, -1) + _by_hand(psi, v, -1)) / 2 - _by_hand(psi, (u + v) / 2, -1)
     assert float(gap.min()) < -1e-3
 
 

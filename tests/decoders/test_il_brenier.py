@@ -254,7 +254,7 @@ def test_trainable_beta_singular_values_stay_in_range():
         with torch.no_grad():
             for p in (dec.beta_u, dec.beta_v, dec.beta_s):
                 p.normal_(0, 10)
-        s = torch.linalg.svdvals(dec.beta_matrix())
+            s = torch.linalg.svdvals(dec.beta_matrix())
         assert s.shape == (LATENT,)
         assert float(s.min()) >= RANGE[0] * (1 - 1e-12) and float(s.max()) <= RANGE[1] * (
             1 + 1e-12)
