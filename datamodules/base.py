@@ -77,7 +77,7 @@ def collate_batch(batch: tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]) ->
     """
     if isinstance(batch, tuple):
         return batch
-    xs, ys = zip(*batch)
+    xs, ys = zip(*batch, strict=False)
     return torch.stack(xs), torch.stack(ys)
 
 

@@ -7,6 +7,7 @@ what makes ``load_from_checkpoint`` rebuild exactly the same block without the C
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import inspect
@@ -52,7 +53,8 @@ class Configurable:
     @property
     def config(self) -> dict[str, Any]:
         """``{"class_path", "init_args"}`` of this object, without the supplied sizes."""
-        args = {k: v for k, v in self._init_arguments.items() if k not in self._supplied}
+        args = {k: copy.deepcopy(v) for k, v in self._init_arguments.items()
+                if k not in self._supplied}
         cls = type(self)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
 

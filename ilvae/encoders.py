@@ -29,7 +29,7 @@ def make_activation(name: str) -> nn.Module:
 def mlp(sizes: list[int], act: str) -> nn.Sequential:
     """Linear layers of the given sizes with ``act`` between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(make_activation(act))
@@ -63,7 +63,7 @@ class MLPEncoder(Encoder):
     """x (flattened) → MLP(hidden) → (μ, s)."""
 
     def __init__(self, data_shape: tuple[int, ...], latent_dim: int, hidden: list[int] = [512],
-                 activation: str = "relu", min_scale: float = 1e-4) -> None:  # noqa: B006
+                 activation: str = "relu", min_scale: float = 1e-4) -> None:
         super().__init__(data_shape, latent_dim)
         self.hidden = check_hidden(hidden)
         self.min_scale = min_scale
@@ -78,7 +78,7 @@ class ConvEncoder(Encoder):
     ``channels`` filters, then a linear map to (μ, s)."""
 
     def __init__(self, data_shape: tuple[int, ...], latent_dim: int,
-                 channels: list[int] = [32, 64], activation: str = "relu",  # noqa: B006
+                 channels: list[int] = [32, 64], activation: str = "relu",
                  min_scale: float = 1e-4) -> None:
         super().__init__(data_shape, latent_dim)
         if len(self.data_shape) != 3:

@@ -103,7 +103,10 @@ def test_decoder_swapped_by_name_or_class_from_the_command_line(tmp_path, args, 
     dec = cli.model.decoder
     assert type(dec).__name__ == cls
     got = getattr(dec, attr)
-    assert (float(got) == pytest.approx(value, rel=1e-6)) if isinstance(value, float) else (got == value)
+    if isinstance(value, float):
+        assert float(got) == pytest.approx(value, rel=1e-6)
+    else:
+        assert got == value
     assert (dec.latent_dim, dec.data_dim) == (8, 64)  # supplied by the model and the data
 
 

@@ -1,5 +1,6 @@
 """Decoders: plug-ins registered under the ``ilvae.decoders`` entry-point group.
 
+>>> import torch
 >>> from ilvae import decoders
 >>> dec = decoders.build("il_brenier", latent_dim=8, data_dim=64, L=1.5)
 >>> dec(torch.randn(4, 8)).shape

@@ -83,7 +83,7 @@ class ARELBODecoder(MLPDecoder):
     average used at evaluation time.
     """
 
-    def __init__(self, latent_dim: int, data_dim: int, hidden: list[int] = [512],  # noqa: B006
+    def __init__(self, latent_dim: int, data_dim: int, hidden: list[int] = [512],
                  activation: str = "relu", per_dimension: bool = False,
                  momentum: float | None = 0.05) -> None:
         super().__init__(latent_dim, data_dim, hidden, activation, likelihood="gaussian")

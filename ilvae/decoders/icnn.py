@@ -107,7 +107,7 @@ class ICNN(nn.Module):
     (torch.Size([5]), torch.Size([5, 3]))
     """
 
-    def __init__(self, input_dim: int, hidden: list[int] = [512],  # noqa: B006
+    def __init__(self, input_dim: int, hidden: list[int] = [512],
                  activation: str = "leaky_relu", negative_slope: float = 0.2,
                  lift_dim: int | None = None) -> None:
         super().__init__()
@@ -211,8 +211,8 @@ class ICNN(nn.Module):
         """
         with no_autocast(v.device.type):
             flat, dtype, proj, weights = self._project(v, beta)
-            zs, a0, _ = self._hidden_pass(proj, weights, last=False)
-            delta = self._backward_pass(zs, a0, weights)
+            saved, a0, _ = self._hidden_pass(proj, weights, last=False)
+            delta = self._backward_pass(saved, a0, weights)
             m = flat.shape[-1]
             c = _cast(self.linear_weight, dtype)
             blocks = [_cast(b, dtype) for b in self.input_weight]
@@ -272,8 +272,9 @@ class ICNN(nn.Module):
         return torch.sign(z.detach()).mul_((1.0 - s) / 2).add_((1.0 + s) / 2)
 
     def _hidden_pass(self, proj: Tensor, weights: list[Tensor], last: bool):
-        """Forward through the hidden layers: pre-activations z_k, then for the first layer
-        a(z₀) (softplus) or 2a(z₀)a′(z₀) (LeakyReLU), and h_{K−1} if ``last``."""
+        """Forward through the hidden layers. Returns what the backward pass reuses: for each
+        layer z_k (softplus) or a′(z_k) (LeakyReLU, from k = 1), for the first layer a(z₀)
+        (softplus) or 2a(z₀)a′(z₀) (LeakyReLU); and h_{K−1} if ``last``."""
         b = self._bounds
         depth = len(self.hidden)
         z = proj[:, b[0]:b[1]]
@@ -286,25 +287,31 @@ class ICNN(nn.Module):
             a0 = z * (2.0 * self._slope(z, square=True))  # 2a(z)a′(z) = 2z·a′(z)²
             if depth > 1 or last:
                 h = (a0 * z).mul_(0.5)  # a(z)² = z²a′(z)²
-        zs = [z]
+        saved = [z]
         for k in range(1, depth):
             z = torch.addmm(proj[:, b[k]:b[k + 1]], h, weights[k - 1].t())
-            zs.append(z)
-            if k < depth - 1 or last:
-                h = _softplus(z) if self.activation == "softplus" else z * self._slope(z)
-        return zs, a0, h
+            if self.activation == "softplus":
+                saved.append(z)
+                if k < depth - 1 or last:
+                    h = _softplus(z)
+            else:
+                slope = self._slope(z)
+                saved.append(slope)
+                if k < depth - 1 or last:
+                    h = z * slope
+        return saved, a0, h
 
-    def _backward_pass(self, zs: list[Tensor], a0: Tensor, weights: list[Tensor]) -> Tensor:
+    def _backward_pass(self, saved: list[Tensor], a0: Tensor, weights: list[Tensor]) -> Tensor:
         """[δ₀ … δ_{K−1}] with δ_k = ∂ψ/∂z_k, shape (B, Σh)."""
+        softplus = self.activation == "softplus"
         g = weights[-1]  # ∂ψ/∂h_{K−1}, (1, h_{K−1}), broadcast over the batch
         deltas: list[Tensor] = []
-        for k in range(len(zs) - 1, 0, -1):
-            z = zs[k]
-            d = g * (torch.sigmoid(z) if self.activation == "softplus" else self._slope(z))
+        for k in range(len(saved) - 1, 0, -1):
+            d = g * (torch.sigmoid(saved[k]) if softplus else saved[k])
             deltas.append(d)
             g = d @ weights[k - 1]
-        if self.activation == "softplus":
-            deltas.append(g * (2.0 * a0 * torch.sigmoid(zs[0])))
+        if softplus:
+            deltas.append(g * (2.0 * a0 * torch.sigmoid(saved[0])))
         else:
             deltas.append(g * a0)
         if len(deltas) == 1:

@@ -116,7 +116,7 @@ class ILBrenierDecoder(Decoder):
     """
 
     def __init__(self, latent_dim: int, data_dim: int, L: float = 1.0,
-                 hidden: list[int] = [512], L1: float | None = None,  # noqa: B006
+                 hidden: list[int] = [512], L1: float | None = None,
                  L2: float | None = None, activation: str = "leaky_relu", beta: str = "fixed",
                  beta_singular_values: tuple[float, float] = (1.0, 2.0),
                  likelihood: str = "bernoulli", sigma: float = 1.0,

@@ -202,7 +202,7 @@ class LipschitzDecoder(Decoder):
     """
 
     def __init__(self, latent_dim: int, data_dim: int, K: float = 1.0,
-                 hidden: list[int] = [512],  # noqa: B006
+                 hidden: list[int] = [512],
                  activation: str = "relu", likelihood: str = "bernoulli", sigma: float = 1.0,
                  binarize: bool = False, gram_iterations: int = 6) -> None:
         K = _check_K(K)

@@ -3,9 +3,10 @@ import pickle
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
 from ilvae.datamodules import VAEDataModule
 from ilvae.datamodules.base import InMemoryDataset, collate_batch, seeded_generator
-from torch.utils.data import DataLoader, DistributedSampler
 
 
 class Indexed(VAEDataModule):

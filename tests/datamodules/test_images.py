@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets.mnist
-from ilvae.datamodules import MNIST, Digits, FashionMNIST
 from sklearn.datasets import load_digits
+
+from ilvae.datamodules import MNIST, Digits, FashionMNIST
 
 FILES = {
     True: ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -70,9 +71,9 @@ def test_digits_splits_hold_sklearns_images_divided_by_16():
     digits = load_digits()
     expected = sorted(
         (int(label), image.tobytes())
-        for label, image in zip(digits.target, (digits.images / 16.0).astype(np.float32))
+        for label, image in zip(digits.target, (digits.images / 16.0).astype(np.float32), strict=False)
     )
-    got = sorted((int(label), image[0].numpy().tobytes()) for label, image in zip(y, x))
+    got = sorted((int(label), image[0].numpy().tobytes()) for label, image in zip(y, x, strict=False))
     assert got == expected
 
 

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from ilvae.datamodules import TwoGaussians
 
 

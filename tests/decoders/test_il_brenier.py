@@ -320,3 +320,13 @@ def test_registry_build_and_config_round_trip(beta):
     z = torch.randn(5, 8)
     assert torch.equal(rebuilt(z), dec(z))
     assert rebuilt.log_prob(torch.rand(5, 64).round(), z).shape == (5,)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_leading_batch_dimensions_decode_like_a_flat_batch(beta):
+    # e.g. K importance samples of B latents, (K, B, m) → (K, B, D)
+    dec = _decoder(1.0, beta)
+    z = torch.randn(3, 5, LATENT, dtype=torch.float64)
+    out = dec(z)
+    assert out.shape == (3, 5, DATA)
+    assert torch.equal(out.reshape(15, DATA), dec(z.reshape(15, LATENT)))
