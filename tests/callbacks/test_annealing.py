@@ -349,7 +349,8 @@ def test_resumed_run_applies_exactly_the_uninterrupted_values(name, tmp_path):
             assert saved["updates"] == n // 2 // cb.update_every
             assert set(saved) >= {"value", "integral", "error", "updates"}
             assert cb.updates == n // cb.update_every
-    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values(), strict=False):
+    full_state, resumed_state = full_model.state_dict(), resumed_model.state_dict()
+    for a, b in zip(full_state.values(), resumed_state.values(), strict=True):
         assert torch.equal(a, b)
 
 

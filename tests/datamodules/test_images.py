@@ -71,9 +71,13 @@ def test_digits_splits_hold_sklearns_images_divided_by_16():
     digits = load_digits()
     expected = sorted(
         (int(label), image.tobytes())
-        for label, image in zip(digits.target, (digits.images / 16.0).astype(np.float32), strict=False)
+        for label, image in zip(
+            digits.target, (digits.images / 16.0).astype(np.float32), strict=True
+        )
     )
-    got = sorted((int(label), image[0].numpy().tobytes()) for label, image in zip(y, x, strict=False))
+    got = sorted(
+        (int(label), image[0].numpy().tobytes()) for label, image in zip(y, x, strict=True)
+    )
     assert got == expected
 
 
