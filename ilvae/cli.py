@@ -12,7 +12,9 @@ decoder. Registered decoder names are accepted wherever a decoder class is expec
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -25,7 +27,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from ilvae import registry
-from ilvae.errors import ConfigurationError
+from ilvae.checkpointing import AtomicCheckpointIO, check_checkpoint, has_checkpoint_io
+from ilvae.errors import ConfigurationError, NonFiniteLossError
 
 _PARSER_MODE = "ilvae_yaml"
 _STATE = {"running": False}
@@ -96,8 +99,12 @@ class ILVAECLI(LightningCLI):
     """LightningCLI with the data shape linked into the model and run-directory handling."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        from ilvae.callbacks.fault_tolerance import NonFiniteLossGuard
+
         parser.link_arguments("data.data_shape", "model.init_args.data_shape",
                               apply_on="instantiate")
+        # Always on; `--nonfinite.action=skip` skips non-finite batches instead of stopping.
+        parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite")
 
     def before_instantiate_classes(self) -> None:
         # Lightning looks for "last" only in the new run's (empty) checkpoint folder; a user
@@ -110,6 +117,73 @@ class ILVAECLI(LightningCLI):
                 raise ConfigurationError(f"ckpt_path='last': no last*.ckpt found under {root}")
             config.ckpt_path = found
             print(f"ilvae: resuming from {found}", file=sys.stderr)
+        self._check_ckpt_path(config)
+
+    def _check_ckpt_path(self, config: Any) -> None:
+        """Refuse a missing, corrupted, truncated or untrusted ``ckpt_path`` before anything
+        runs. Checkpoints may come from others, so they are loaded with tensors and plain
+        containers only unless the user trusts the file (``--weights_only=false``)."""
+        if "weights_only" in config and config.get("weights_only") is None:
+            config.weights_only = True
+        ckpt = config.get("ckpt_path")
+        if not ckpt or ckpt in ("best", "last", "hpc") or str(ckpt).startswith("registry"):
+            return
+        if getattr(self, "_checked_ckpt", (None,))[0] == ckpt:
+            return
+        checkpoint = check_checkpoint(ckpt, config.get("weights_only", True))
+        self._checked_ckpt = (ckpt, checkpoint.get("hyper_parameters") or {})
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyper-parameters here, before any hook: check
+        # the file first so that a bad one gets a clear error naming it.
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            self._check_ckpt_path(self.config[subcommand])
+        super()._parse_ckpt_path()
+
+    def _preflight(self) -> None:
+        """Checks that need the instantiated model and data, before anything is written."""
+        model, datamodule = self.model, self.datamodule
+        hparams = getattr(self, "_checked_ckpt", (None, {}))[1]
+        saved = hparams.get("data_shape")
+        current = getattr(model, "data_shape", None)
+        if saved is not None and current is not None and tuple(saved) != tuple(current):
+            ckpt = self.config_init[self.subcommand].get("ckpt_path")
+            raise ConfigurationError(
+                f"ckpt_path={ckpt!r} was trained on data_shape {tuple(saved)}, but the data "
+                f"have data_shape {tuple(current)}: use the data it was trained on"
+            )
+        if self.subcommand != "fit" or datamodule is None:
+            return
+        try:
+            datamodule.setup("fit")
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(str(exc)) from exc
+        check = getattr(model, "check_data", None)
+        if callable(check):
+            check(datamodule)
+
+    def before_fit(self) -> None:
+        self._preflight()
+
+    def before_validate(self) -> None:
+        self._preflight()
+
+    def before_test(self) -> None:
+        self._preflight()
+
+    def before_predict(self) -> None:
+        self._preflight()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # Atomic checkpoint writes unless the configuration names its own CheckpointIO.
+        config = self._get(self.config_init, "trainer", default={}) or {}
+        plugins = kwargs.get("plugins", config.get("plugins"))
+        if not has_checkpoint_io(plugins):
+            plugins = [] if plugins is None else list(plugins) if isinstance(
+                plugins, (list, tuple)) else [plugins]
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
         # From here on errors come from training, not from the user's configuration.
@@ -127,7 +201,9 @@ class ILVAECLI(LightningCLI):
 
 
 def _trainer_defaults() -> dict[str, Any]:
-    return {"callbacks": [ModelCheckpoint(save_last=True)]}
+    from ilvae.callbacks.fault_tolerance import RandomStateCheckpoint
+
+    return {"callbacks": [ModelCheckpoint(save_last=True), RandomStateCheckpoint()]}
 
 
 def list_decoders(stream: Any = None) -> int:
@@ -152,6 +228,62 @@ def user_error_line(exc: BaseException) -> str:
     return line
 
 
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+_UNKNOWN = (re.compile(r"Expected a path but (.+?) either not accessible or invalid"),
+            re.compile(r"Expected a dot import path string: (\S+)"))
+_EXPECTED = re.compile(r"Expected a <class '(\w+)'>(?:\. Got value: (.+?)(?:\. Got value: |$))?",
+                       re.MULTILINE)
+_GIVEN = re.compile(r"^\s*Given value: (.+)$", re.MULTILINE)
+_TYPE_WORDS = {"float": "a finite number", "int": "an integer", "bool": "true or false",
+               "str": "a string"}
+
+
+def _known_names(field: str) -> str:
+    """The choices for a class-valued field, for an 'unknown name' message."""
+    last = field.rsplit(".", 1)[-1]
+    if last == "decoder":
+        return ", ".join(registry.plugins()) + " (registered decoders)"
+    import ilvae.datamodules as datamodules
+    import ilvae.models as models
+    from ilvae.encoders import Encoder
+    from ilvae.priors import Prior
+
+    def public(base: type) -> list[str]:
+        seen, todo = [], list(base.__subclasses__())
+        while todo:
+            cls = todo.pop(0)
+            todo += cls.__subclasses__()
+            if not cls.__name__.startswith("_") and cls.__name__ not in seen:
+                seen.append(cls.__name__)
+        return seen
+
+    table = {"prior": public(Prior), "encoder": public(Encoder),
+             "model": [n for n in models.__all__ if n != "LatentVariableModel"],
+             "data": [n for n in datamodules.__all__ if n != "VAEDataModule"]}
+    return ", ".join(table.get(last, [])) or "a class path"
+
+
+def argument_error_line(exc: BaseException) -> str:
+    """One line naming the field, the value and what is allowed, from a jsonargparse error."""
+    text = str(exc)
+    field = ".".join(_PARSER_KEY.findall(text))
+    for pattern in _UNKNOWN:
+        match = pattern.search(text)
+        if match and field:
+            return (f"{field}={match.group(1)!r} is unknown; choose one of "
+                    f"{_known_names(field)}, or a class path 'package.module.Class'")
+    expected = [m for m in _EXPECTED.finditer(text) if m.group(1) != "NoneType"]
+    if expected and field:
+        kind = expected[0].group(1)
+        value = expected[0].group(2)
+        if value is None:
+            given = _GIVEN.search(text)
+            value = given.group(1).strip() if given else "?"
+        return (f"{field}={value!r} is not allowed: expected "
+                f"{_TYPE_WORDS.get(kind, 'a ' + kind)}")
+    return user_error_line(exc)
+
+
 def _debug() -> bool:
     return os.environ.get("ILVAE_DEBUG", "") not in ("", "0")
 
@@ -172,7 +304,7 @@ def run(args: list[str] | None = None) -> ILVAECLI:
         subclass_mode_data=True,
         args=args,
         trainer_defaults=_trainer_defaults(),
-        parser_kwargs={"parser_mode": _PARSER_MODE},
+        parser_kwargs={"parser_mode": _PARSER_MODE, "exit_on_error": False},
         save_config_kwargs={"overwrite": False},
     )
 
@@ -181,9 +313,26 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["decoders"]:
         return list_decoders()
+    if argv[:1] == ["reproduce"]:
+        from ilvae import reproduce
+
+        return reproduce.main(argv[1:])
     _STATE["running"] = False
     try:
         run(argv)
+    except argparse.ArgumentError as exc:
+        if _debug():
+            traceback.print_exc()
+        print(f"ilvae: error: {argument_error_line(exc)}", file=sys.stderr)
+        print("ilvae: (set ILVAE_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        if _debug():
+            traceback.print_exc()
+        print(f"ilvae: error: {exc}", file=sys.stderr)
+        print("ilvae: rerun with --nonfinite.action=skip to skip such batches instead",
+              file=sys.stderr)
+        return 3
     except (ConfigurationError, ValueError, TypeError, FileNotFoundError) as exc:
         if _STATE["running"] and not isinstance(exc, ConfigurationError):
             raise

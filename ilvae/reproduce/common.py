@@ -1,0 +1,221 @@
+"""Shared machinery of the reproduction studies: context, training, evaluation, report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from ilvae.errors import ConfigurationError
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine, recorded in every report."""
+    import lightning
+    import numpy
+    import torchmetrics
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "torchmetrics": torchmetrics.__version__,
+        "numpy": numpy.__version__,
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "processor": platform.processor() or "unknown",
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class StudyContext:
+    """Collects rows, tables, plots and findings of one study and writes the report."""
+
+    study: str
+    out: Path
+    quick: bool
+    seed: int
+    force: bool = False
+    title: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)
+    findings: list[tuple[str, bool, str]] = field(default_factory=list)
+    configs: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ life
+    def __enter__(self) -> StudyContext:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if (self.out / "report.md").exists():
+            if not self.force:
+                raise ConfigurationError(f"out={self.out} already holds a report.md; choose "
+                                         "another directory or pass --force (old files are "
+                                         "renamed, never deleted)")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for name in ("report.md", "results.json"):
+                if (self.out / name).exists():
+                    (self.out / name).rename(self.out / f"{name}.{stamp}.bak")
+        self._start = time.time()
+        torch.manual_seed(self.seed)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.write()
+
+    # --------------------------------------------------------------- content
+    @property
+    def size(self) -> str:
+        return "quick" if self.quick else "full"
+
+    def add_row(self, **row: Any) -> dict[str, Any]:
+        clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
+        self.rows.append(clean)
+        return clean
+
+    def add_section(self, heading: str, text: str) -> None:
+        self.sections.append(f"## {heading}\n\n{text.strip()}\n")
+
+    def add_table(self, heading: str, rows: list[dict[str, Any]], columns: list[str],
+                  note: str = "") -> None:
+        body = markdown_table(rows, columns)
+        self.add_section(heading, f"{note.strip()}\n\n{body}" if note else body)
+
+    def add_plot(self, fig: Any, name: str, caption: str) -> Path:
+        path = self.out / f"{name}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        self.sections.append(f"![{caption}]({path.name})\n\n*{caption}*\n")
+        return path
+
+    def finding(self, claim: str, agrees: bool, evidence: str) -> None:
+        """A statement of agreement or disagreement with a paper's claim or a closed form."""
+        self.findings.append((claim, bool(agrees), evidence))
+
+    def run_dir(self, name: str) -> Path:
+        return self.out / "runs" / name
+
+    # ---------------------------------------------------------------- report
+    def write(self) -> None:
+        wall = time.time() - self._start
+        env = environment()
+        command = "ilvae reproduce " + self.study + (" --quick" if self.quick else "") + \
+            f" --seed {self.seed} --out {shlex.quote(str(self.out))}"
+        agree = sum(a for _, a, _ in self.findings)
+        lines = [f"# {self.title}", "",
+                 f"Size: **{self.size}**; seed {self.seed}; wall time {wall / 60:.1f} min.", "",
+                 f"Command: `{command}`", "",
+                 "## Summary: agreement with the papers and closed forms", ""]
+        if self.findings:
+            lines.append(f"{agree} of {len(self.findings)} checks agree.")
+            lines.append("")
+            lines.append("| claim | agrees | evidence (measured here) |")
+            lines.append("|---|---|---|")
+            for claim, ok, evidence in self.findings:
+                lines.append(f"| {claim} | {'yes' if ok else '**no**'} | {evidence} |")
+        else:
+            lines.append("No reference claims were checked in this study.")
+        lines.append("")
+        lines.extend(self.sections)
+        lines += ["## Environment", "",
+                  markdown_table([env], list(env)), "",
+                  f"Command line: `{' '.join(shlex.quote(a) for a in sys.argv)}`", ""]
+        if self.configs:
+            lines += ["## Configurations", ""] + [f"```yaml\n{c.strip()}\n```\n"
+                                                 for c in self.configs]
+        (self.out / "report.md").write_text("\n".join(lines))
+        payload = [dict(row, study=self.study, size=self.size, seed=row.get("seed", self.seed))
+                   for row in self.rows]
+        (self.out / "results.json").write_text(json.dumps(payload, indent=2, default=float))
+
+
+# ------------------------------------------------------------------ training
+def trainer(ctx: StudyContext, name: str, max_epochs: int | None = None,
+            max_steps: int = -1, callbacks: list | None = None, **kwargs: Any) -> L.Trainer:
+    """A quiet Trainer logging to TensorBoard under ``ctx.out/runs/name``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(ctx.out / "runs"), name=name, version="")
+    return L.Trainer(max_epochs=max_epochs, max_steps=max_steps, accelerator="cpu",
+                     devices=1, logger=logger, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False,
+                     callbacks=callbacks or [], deterministic=True, **kwargs)
+
+
+def fit(ctx: StudyContext, name: str, model: L.LightningModule, datamodule: Any,
+        **trainer_kwargs: Any) -> float:
+    """Train and return seconds per epoch."""
+    L.seed_everything(ctx.seed, verbose=False)
+    tr = trainer(ctx, name, **trainer_kwargs)
+    start = time.time()
+    tr.fit(model, datamodule)
+    epochs = max(tr.current_epoch, 1)
+    return (time.time() - start) / epochs
+
+
+@torch.no_grad()
+def evaluate(model: Any, x: torch.Tensor, iw_samples: int = 100, fisher: bool = False,
+             max_iw: int = 2000) -> dict[str, float]:
+    """Collapse metrics of a trained model on data ``x`` (see :mod:`ilvae.metrics`)."""
+    from ilvae.metrics import (
+        ActiveUnits,
+        EpsilonCollapse,
+        ImportanceWeightedNLL,
+        KLPerDimension,
+        MutualInformation,
+        RelativeFisherDivergence,
+    )
+
+    model.eval()
+    posterior = model.encode(x)
+    kl = KLPerDimension()
+    au, mi, eps = ActiveUnits(), MutualInformation(), EpsilonCollapse()
+    for metric in (kl, au, mi, eps):
+        metric.update(posterior)
+    z = posterior.rsample()
+    log_px = model.decoder.log_prob(x, z)
+    kl_total = model.prior.kl(posterior, z).sum(-1)
+    out = {"elbo": float((log_px - kl_total).mean()), "kl": float(kl.compute()["kl"]),
+           "mutual_info": float(mi.compute()), "active_units": int(au.compute()),
+           "epsilon_collapsed": int(eps.compute()["epsilon_collapsed"])}
+    if iw_samples:
+        iw = ImportanceWeightedNLL(num_samples=iw_samples)
+        iw.update(x[:max_iw], model)
+        out["iw_nll"] = float(iw.compute())
+    if fisher:
+        rf = RelativeFisherDivergence()
+        rf.update(x[:max_iw], model)
+        value = rf.compute()
+        out["relative_fisher"] = float(value["relative_fisher"])
+        out["relative_fisher_bound"] = float(value["relative_fisher_bound"])
+    return out
