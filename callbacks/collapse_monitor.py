@@ -35,7 +35,9 @@ class CollapseMonitor(L.Callback):
     under multi-process training each process sees its shard and the values are synchronised.
     The importance-weighted NLL and the Fisher divergence cost K (resp. one extra backward)
     decoder passes per example; they use at most ``max_examples`` validation examples per process
-    (None: all). The callback reads the model only through ``encode``, ``decoder`` and ``prior``.
+    (None: all). The callback reads the model only through ``encode``, ``decoder`` and ``prior``;
+    a model that computes its own ``val/iw_nll`` (``computes_iw_nll = True``, e.g. the text VAE)
+    keeps it.
     """
 
     def __init__(self, every_n_epochs: int = 1, num_iw_samples: int = 500,
@@ -83,6 +85,8 @@ class CollapseMonitor(L.Callback):
         if room > 0:
             x_model = x[:room]
             for name in ("iw_nll", "relative_fisher"):
+                if name == "iw_nll" and getattr(pl_module, "computes_iw_nll", False):
+                    continue
                 if name in self.metrics:
                     self.metrics[name].update(x_model, pl_module)
             self._seen += x_model.shape[0]

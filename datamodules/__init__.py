@@ -3,6 +3,7 @@
 from .arrays import ArrayDataModule
 from .base import VAEDataModule
 from .images import MNIST, Digits, FashionMNIST
+from .text import TextDataModule, Vocabulary
 from .toy import TwoGaussians
 
 __all__ = [
@@ -10,6 +11,8 @@ __all__ = [
     "ArrayDataModule",
     "Digits",
     "FashionMNIST",
+    "TextDataModule",
     "TwoGaussians",
     "VAEDataModule",
+    "Vocabulary",
 ]

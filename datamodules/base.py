@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 _STAGES = {
     "fit": "train",
@@ -79,6 +79,41 @@ def collate_batch(batch: tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]) ->
         return batch
     xs, ys = zip(*batch, strict=False)
     return torch.stack(xs), torch.stack(ys)
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """Training order that depends only on ``(seed, epoch)``, split over ``num_replicas``
+    processes.
+
+    Epoch e is ``torch.randperm(n)`` drawn from a generator seeded with ``seed + e`` (exactly
+    torch's ``DistributedSampler``); process r of W takes positions r, r + W, r + 2W, … (padded
+    to a multiple of W by repeating the first indices). The W processes' k-th batches of size B
+    therefore hold exactly the examples of the single-process k-th batch of size W·B.
+
+    Lightning calls :meth:`set_epoch` at every epoch start, so a resumed run replays an epoch in
+    the order the interrupted run used. Iterated without ``set_epoch`` (plain PyTorch), each new
+    iteration moves on to the next epoch's order. It is a ``DistributedSampler`` so that
+    Lightning keeps it under DDP instead of replacing it with its own.
+
+    ``generator`` is reseeded from ``(seed, epoch)`` with the order: given to the DataLoader,
+    it makes the worker seeds a function of the epoch too.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0,
+                 epoch: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=False)
+        self.generator = torch.Generator()
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.generator.manual_seed(self.seed + self.epoch + 1)
+
+    def __iter__(self):
+        indices = super().__iter__()
+        self.set_epoch(self.epoch + 1)
+        return indices
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -206,16 +241,30 @@ class VAEDataModule(LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         x, y = self.tensors(split)
+        dataset = InMemoryDataset(x, y)
+        sampler = self.shuffle_sampler(dataset) if shuffle else None
         return DataLoader(
-            InMemoryDataset(x, y),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=self.drop_last and shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_batch,
-            generator=seeded_generator(self.seed, "shuffle") if shuffle else None,
+            generator=sampler.generator if sampler is not None else None,
         )
+
+    def shuffle_sampler(self, dataset: Dataset) -> EpochShuffleSampler:
+        """The training sampler: an order that is a function of (seed, epoch), split over the
+        trainer's processes, so that a resumed or multi-process run sees the batches of the
+        uninterrupted single-process run (see :class:`EpochShuffleSampler`). Subclasses with
+        their own loaders pass it as ``sampler=`` (and its ``generator`` as ``generator=``)."""
+        trainer = self.trainer
+        world, rank, epoch = 1, 0, 0
+        if trainer is not None:
+            world, rank, epoch = trainer.world_size, trainer.global_rank, trainer.current_epoch
+        seed = seeded_generator(self.seed, "shuffle").initial_seed() >> 2
+        return EpochShuffleSampler(dataset, seed, num_replicas=world, rank=rank, epoch=epoch)
 
     def _split_indices(self, n: int) -> tuple[Tensor, Tensor]:
         """Disjoint sorted train/val indices covering ``range(n)``, deterministic in the seed."""

@@ -43,7 +43,8 @@ class _TripleDataset(Dataset):
 def _collate(batch: Triple | list[Triple]) -> Triple:
     if isinstance(batch, tuple):
         return batch
-    return tuple(torch.stack(column) for column in zip(*batch))  # type: ignore[return-value]
+    columns = zip(*batch, strict=True)
+    return tuple(torch.stack(column) for column in columns)  # type: ignore[return-value]
 
 
 class ConditionalDataModule(VAEDataModule):
@@ -182,7 +183,7 @@ class MNISTQuarters(ConditionalDataModule):
 
     @staticmethod
     def assemble(x: Tensor, y: Tensor) -> Tensor:
-        """Inverse of :meth:`split`: ``x (N, 1, 14, 14)`` and ``y (N, 588)`` → ``(N, 1, 28, 28)``."""
+        """Inverse of :meth:`split`: x (N, 1, 14, 14) and y (N, 588) → images (N, 1, 28, 28)."""
         n = x.shape[0]
         top_left, top_right, bottom_right = y.reshape(n, 3, 14, 14).unbind(1)
         top = torch.cat([top_left, top_right], dim=-1)
@@ -239,7 +240,8 @@ class LinearConditionalData(ConditionalDataModule):
     so E[yyᵀ] = Q diag(s) Qᵀ and, in the population, the part of y that x cannot predict
     linearly (METHODS §6) is
 
-        E = E[yyᵀ] − E[yxᵀ] E[xxᵀ]⁻¹ E[xyᵀ] = Q diag(e) Qᵀ,  e_j = (1 − ρ²) s_j (j < k),  s_j (j ≥ k).
+        E = E[yyᵀ] − E[yxᵀ] E[xxᵀ]⁻¹ E[xyᵀ] = Q diag(e) Qᵀ,
+        e_j = (1 − ρ²) s_j (j < k),  e_j = s_j (j ≥ k).
 
     A stronger correlation ρ shrinks the first k eigenvalues of E, so more latent dimensions of a
     linear CVAE collapse. There are no labels (``-1``). The training pool and the test split are
@@ -259,7 +261,7 @@ class LinearConditionalData(ConditionalDataModule):
         ((2,), (3,), [2.56, 0.64, 0.5])
     """
 
-    def __init__(self, x_dim: int = 4, variances: list[float] = [4.0, 2.0, 1.0, 0.5],
+    def __init__(self, x_dim: int = 4, variances: list[float] = [8.0, 2.0, 0.5, 0.125],
                  correlation: float = 0.5, num_samples: int = 10000, batch_size: int = 128,
                  val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0,
                  drop_last: bool = False) -> None:

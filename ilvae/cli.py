@@ -103,6 +103,8 @@ class ILVAECLI(LightningCLI):
 
         parser.link_arguments("data.data_shape", "model.init_args.data_shape",
                               apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size",
+                              apply_on="instantiate")
         # Always on; `--nonfinite.action=skip` skips non-finite batches instead of stopping.
         parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite")
 

@@ -146,12 +146,26 @@ class Categorical(Likelihood):
 
     def check_data(self, x: Tensor) -> None:
         super().check_data(x)
-        if x.dim() == 1 or x.shape[-1] == 1 and self.data_dim > 1:
-            if not torch.equal(x, x.round()) or x.min() < 0 or x.max() >= self.data_dim:
+        allowed = (f"integer class indices in [0, {self.data_dim - 1}] or one-hot (probability) "
+                   f"rows of length {self.data_dim}")
+        if x.dim() > 1 and x.shape[-1] == self.data_dim:
+            lo, hi = float(x.min()), float(x.max())
+            sums = x.sum(-1)
+            worst = float((sums - 1).abs().max())
+            if lo < 0 or hi > 1 or worst > 1e-4:
                 raise ValueError(
-                    "likelihood='categorical' needs integer class indices in "
-                    f"[0, {self.data_dim - 1}] or one-hot rows"
+                    f"likelihood='categorical' needs {allowed}; got values in [{lo:g}, {hi:g}] "
+                    f"and row sums up to {worst:.3g} away from 1"
                 )
+            return
+        fractional = x != x.round()
+        if bool(fractional.any()):
+            raise ValueError(f"likelihood='categorical' needs {allowed}; got the non-integer "
+                             f"token {float(x[fractional][0]):g}")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi >= self.data_dim:
+            raise ValueError(f"likelihood='categorical' needs {allowed}; got tokens in "
+                             f"[{lo:g}, {hi:g}]")
 
 
 def _registry() -> dict[str, type[Likelihood]]:

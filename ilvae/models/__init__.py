@@ -2,6 +2,7 @@
 
 from ilvae.models.autoencoder import Autoencoder
 from ilvae.models.base import LatentVariableModel
+from ilvae.models.text import TextVAE
 from ilvae.models.vae import VAE
 
-__all__ = ["VAE", "Autoencoder", "LatentVariableModel"]
+__all__ = ["VAE", "Autoencoder", "LatentVariableModel", "TextVAE"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -13,10 +14,12 @@ from torch.distributions import Normal
 
 from ilvae import decoders as _decoders
 from ilvae._config import build_component
+from ilvae.checkpointing import check_checkpoint
 from ilvae.decoders.base import Decoder
 from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import Encoder, MLPEncoder
 from ilvae.errors import ConfigurationError
+from ilvae.loss_guard import LossGuard, is_nonfinite_parameter_error
 from ilvae.priors import Prior, StandardNormal
 
 
@@ -95,14 +98,79 @@ class LatentVariableModel(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # Reject data the likelihood cannot score before the first step.
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "tensors"):
-            x, _ = dm.tensors("fit")
-            self.unpack((x[:1],))
-            try:
-                self.decoder.likelihood.check_data(x.flatten(1))
-            except ValueError as exc:
-                raise ConfigurationError(str(exc)) from exc
+        self.check_data(getattr(self.trainer, "datamodule", None))
+
+    def check_data(self, datamodule: Any) -> None:
+        """Raise ``ConfigurationError`` when the training data do not fit the model: wrong
+        example shape, or values outside the likelihood's support. The CLI calls it before
+        anything is written; ``on_fit_start`` calls it for Python users."""
+        if datamodule is None or not hasattr(datamodule, "tensors"):
+            return
+        try:
+            x, _ = datamodule.tensors("fit")
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from exc
+        self.unpack((x[:1],))
+        try:
+            self.decoder.likelihood.check_data(x.flatten(1))
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from exc
+
+    # ------------------------------------------------------- fault tolerance
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every model's training loss goes through the loss guard, including models that
+        # subclass this one later, without each of them calling it.
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("training_step")
+        if step is not None and not getattr(step, "_guarded", False):
+            cls.training_step = _guarded(step)
+
+    @property
+    def loss_guard(self) -> LossGuard:
+        """What a NaN/inf training loss does (:class:`~ilvae.loss_guard.LossGuard`; stop by
+        default, set by the ``NonFiniteLossGuard`` callback)."""
+        guard = self.__dict__.get("_loss_guard")
+        if guard is None:
+            guard = self.__dict__["_loss_guard"] = LossGuard()
+        return guard
+
+    @loss_guard.setter
+    def loss_guard(self, guard: LossGuard) -> None:
+        self.__dict__["_loss_guard"] = guard
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log``, recording the training step's terms for the loss guard and
+        averaging ``val/`` and ``test/`` values over all processes (``sync_dist``) unless the
+        caller says otherwise, so multi-process metrics equal single-process ones."""
+        terms = self.__dict__.get("_step_terms")
+        if terms is not None:
+            terms[name] = value
+        deferred = self.__dict__.get("_deferred_logs")
+        if deferred is not None:
+            deferred.append((name, value, args, kwargs))
+            return
+        if (not args and "sync_dist" not in kwargs and name.startswith(("val/", "test/"))
+                and isinstance(value, (Tensor, float, int))):
+            kwargs["sync_dist"] = True
+        super().log(name, value, *args, **kwargs)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # A batch the loss guard skipped leaves no gradient, so the optimiser skips it too.
+        self.loss_guard.apply_skip(self._trainer, self)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None,
+                             hparams_file: Any = None, strict: bool | None = None,
+                             weights_only: bool | None = True, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint`` with ``weights_only=True`` by default: a file
+        holding anything but tensors and plain containers is refused, not unpickled. A
+        missing, truncated, corrupted or refused file raises ``CheckpointError`` naming it."""
+        weights_only = True if weights_only is None else weights_only
+        if isinstance(checkpoint_path, (str, bytes)) or hasattr(checkpoint_path, "__fspath__"):
+            check_checkpoint(checkpoint_path, weights_only=weights_only)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
+                                            hparams_file=hparams_file, strict=strict,
+                                            weights_only=weights_only, **kwargs)
 
     # ------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:
@@ -120,3 +188,43 @@ class LatentVariableModel(L.LightningModule):
     def decode(self, z: Tensor) -> Tensor:
         """Decoder output parameter θ (mean or logits), shape (B, data_dim)."""
         return self.decoder(z)
+
+
+def _guarded(step: Any) -> Any:
+    """Wrap a ``training_step`` so its loss passes through ``self.loss_guard``."""
+
+    @functools.wraps(step)
+    def training_step(self: LatentVariableModel, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("_step_terms") is not None:  # a subclass calling super()
+            return step(self, *args, **kwargs)
+        guard = self.loss_guard
+        skip = guard.action == "skip"
+        self.__dict__["_step_terms"] = terms = {}
+        # With "skip", the step's logging waits for the verdict, so that a skipped batch leaves
+        # no NaN in the epoch averages.
+        self.__dict__["_deferred_logs"] = deferred = [] if skip else None
+        batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx")
+        try:
+            try:
+                output = step(self, *args, **kwargs)
+            except ValueError as exc:
+                # NaN weights or data surface first as NaN parameters of a torch
+                # distribution, whose argument validation raises before any loss exists.
+                if not is_nonfinite_parameter_error(exc):
+                    raise
+                output = guard.nonfinite_parameters(self, exc, terms, batch_idx)
+            else:
+                output = guard(self, output, terms, batch_idx)
+        finally:
+            self.__dict__["_step_terms"] = None
+            self.__dict__["_deferred_logs"] = None
+        if skip:
+            if not guard.last_skipped:
+                for name, value, rest, options in deferred:
+                    self.log(name, value, *rest, **options)
+            self.log("train/skipped_batches", float(len(guard.skipped)), on_step=True,
+                     on_epoch=False, reduce_fx="max")
+        return output
+
+    training_step._guarded = True
+    return training_step

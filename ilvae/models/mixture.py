@@ -21,8 +21,11 @@ every two means stay at least L₁√2 apart and q(c|x) cannot collapse by mergi
 the decoder's own ``L`` (``decoder=il_brenier``). The mean map h depends on ``L1``:
 
 * ``L1=None``: free means (a plain GMVAE), h(u) = uᵀM.
-* ``L1 ≥ 0`` and latent_dim ≥ K: h = :class:`~ilvae.decoders.ILBrenierDecoder` (K → latent_dim,
-  ``L=L1``), an L₁-inverse-Lipschitz map of all of R^K. ``L1=0`` is the Brenier map of LIDVAE.
+* ``L1 ≥ 0`` and latent_dim ≥ K: h = Q ∘ g with g = :class:`~ilvae.decoders.ILBrenierDecoder`
+  (K → latent_dim, ``L=L1``), an L₁-inverse-Lipschitz map of all of R^K (``L1=0`` is the Brenier
+  map of LIDVAE), and Q a learned rotation of R^m (an isometry, so h keeps the constant L₁).
+  Without Q (``mean_rotation=False``) h is strongly monotone, (h(u) − h(u′))·(u − u′) ≥
+  L₁‖u − u′‖², which ties the direction μ_j − μ_i to e_j − e_i: see the measurements below.
 * ``L1 ≥ 0`` and latent_dim < K: no map R^K → R^m is injective, so the guarantee is kept on the
   K codes only: h(u) = uᵀM with M = N · max(1, (1 + 10⁻⁵) L₁√2 / min_{i≠j}‖N_i − N_j‖), N free
   (the margin covers rounding).
@@ -42,10 +45,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.distributions import Normal
+from torch.nn.utils.parametrizations import orthogonal
 
 from ilvae._config import build_component
 from ilvae.decoders.base import DecoderCallable
@@ -103,6 +106,35 @@ class _SeparatedMeans(nn.Module):
         return u @ self.matrix()
 
 
+class _BrenierMeans(nn.Module):
+    """h(u) = Q g(u): g an L-inverse-Lipschitz :class:`ILBrenierDecoder` R^K → R^m, Q a rotation
+    (orthogonal parametrisation of torch, or the identity), so ‖h(u) − h(u′)‖ ≥ L‖u − u′‖."""
+
+    def __init__(self, num_components: int, latent_dim: int, L: float, hidden: list[int],
+                 rotation: bool) -> None:
+        super().__init__()
+        self.brenier = ILBrenierDecoder(num_components, latent_dim, L=L, hidden=hidden,
+                                        likelihood="gaussian")
+        self.rotation = None
+        if rotation:
+            linear = nn.Linear(latent_dim, latent_dim, bias=False)
+            # A random start: Q = I would start every run with μ_j − μ_i near e_j − e_i.
+            nn.init.orthogonal_(linear.weight)
+            self.rotation = orthogonal(linear)
+
+    @property
+    def L(self) -> float:
+        return self.brenier.L
+
+    @L.setter
+    def L(self, value: float) -> None:
+        self.brenier.L = check_number("L1", value)
+
+    def forward(self, u: Tensor) -> Tensor:
+        v = self.brenier(u)
+        return v if self.rotation is None else self.rotation(v)
+
+
 class GaussianMixturePrior(Prior):
     """p(z) = (1/K) Σ_c N(z; μ_c, diag σ_c²) with μ_c = h(e_c) (see the module docstring).
 
@@ -113,6 +145,7 @@ class GaussianMixturePrior(Prior):
         scale: initial (or fixed) σ_c, the same for every component and dimension.
         learn_scale: train log σ_c (one per component and dimension) or keep it fixed.
         hidden: hidden widths of each ICNN of h (used when L1 is set and m ≥ K).
+        rotation: follow that h by a learned rotation Q of R^m (L1 set and m ≥ K).
 
     ``log_prob`` and ``sample`` are those of the marginal mixture; ``kl`` (inherited) is the
     one-sample estimate against it. The model's loss uses :meth:`component_kl` instead.
@@ -120,16 +153,15 @@ class GaussianMixturePrior(Prior):
 
     def __init__(self, latent_dim: int, num_components: int = 10, L1: float | None = None,
                  scale: float = 1.0, learn_scale: bool = True,
-                 hidden: list[int] = [64]) -> None:  # noqa: B006
+                 hidden: list[int] = [64], rotation: bool = True) -> None:  # noqa: B006
         super().__init__(latent_dim)
         self.num_components = int(num_components)
         check_number("scale", scale, strict=True)
         if L1 is None:
             self.mean_map: nn.Module = _FreeMeans(self.num_components, latent_dim)
         elif latent_dim >= self.num_components:
-            self.mean_map = ILBrenierDecoder(self.num_components, latent_dim, L=L1,
-                                             hidden=check_hidden(hidden),
-                                             likelihood="gaussian")
+            self.mean_map = _BrenierMeans(self.num_components, latent_dim, L1,
+                                          check_hidden(hidden), rotation)
         else:
             self.mean_map = _SeparatedMeans(self.num_components, latent_dim, L1)
         log_scale = torch.full((self.num_components, latent_dim), math.log(scale))
@@ -227,6 +259,7 @@ class MixtureVAE(LatentVariableModel):
         decoder: decoder callable ``(latent_dim, data_dim) -> Decoder`` or a registered name.
         classifier_hidden: hidden widths of the MLP that gives the logits of q(c|x).
         mean_hidden: hidden widths of each ICNN of h (L1 set, latent_dim ≥ K).
+        mean_rotation: follow that h by a learned rotation of R^m (module docstring).
         prior_scale: initial σ_c of every component (> 0).
         learn_prior_scale: train σ_c or keep it fixed at ``prior_scale``.
         beta: weight β ≥ 0 of both KL terms.
@@ -243,7 +276,7 @@ class MixtureVAE(LatentVariableModel):
                  encoder: EncoderCallable | None = None,
                  decoder: DecoderCallable | None = None,
                  classifier_hidden: list[int] = [512],  # noqa: B006
-                 mean_hidden: list[int] = [64],  # noqa: B006
+                 mean_hidden: list[int] = [64], mean_rotation: bool = True,  # noqa: B006
                  prior_scale: float = 1.0, learn_prior_scale: bool = True, beta: float = 1.0,
                  num_classes: int | None = None, optimizer: OptimizerCallable | None = None,
                  lr_scheduler: LRSchedulerCallable | None = None) -> None:
@@ -267,7 +300,8 @@ class MixtureVAE(LatentVariableModel):
                                    field="encoder")
 
         def mixture_prior(m: int) -> Prior:
-            return GaussianMixturePrior(m, K, L1, prior_scale, learn_prior_scale, mean_hidden)
+            return GaussianMixturePrior(m, K, L1, prior_scale, learn_prior_scale, mean_hidden,
+                                        mean_rotation)
 
         super().__init__(data_shape, latent_dim, conditional_encoder, decoder, mixture_prior,
                          optimizer, lr_scheduler)

@@ -1,0 +1,204 @@
+"""Checkpoint files: atomic writes, loading that never runs code, and errors that name the file.
+
+- :class:`AtomicCheckpointIO` — Lightning ``CheckpointIO`` plugin (the CLI's default). A
+  checkpoint is written to a temporary file beside its target, flushed and ``fsync``-ed, then
+  renamed over the target with ``os.replace`` (atomic on POSIX and Windows). A process killed at
+  any moment therefore leaves either the previous complete file or the new complete file, never
+  a partial ``last.ckpt``.
+- :func:`load_checkpoint` — ``torch.load`` with ``weights_only=True`` by default: tensors,
+  numbers, strings and containers only, so a checkpoint carrying a pickled object (which could
+  run arbitrary code when unpickled) is refused instead of executed. Missing, truncated,
+  corrupted and refused files raise :class:`~ilvae.errors.CheckpointError` naming the file.
+- :func:`check_checkpoint` — the same check before a run starts (memory-mapped, so cheap), so a
+  bad ``--ckpt_path`` is reported before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io.checkpoint_plugin import CheckpointIO
+
+from ilvae.errors import CheckpointError
+
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+_LOAD_ERRORS = (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError,
+                zipfile.BadZipFile, pickle.UnpicklingError, UnicodeDecodeError)
+
+
+def _is_local(path: str | os.PathLike) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not possible (nor needed) on every platform.
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_bytes(checkpoint: dict[str, Any], file: Any) -> None:
+    """Serialise ``checkpoint`` into an open binary file."""
+    torch.save(checkpoint, file)
+
+
+def atomic_save(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``checkpoint`` to ``path`` through a temporary file and an atomic rename.
+
+    Temporary files left by processes that were killed while writing the same target are
+    removed first; they are hidden (leading dot) and never match ``last*.ckpt``.
+    """
+    path = Path(path)
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(f".{path.name}.*.tmp"):
+        match = _TMP.match(stale.name)
+        if match and not _pid_alive(int(match["pid"])):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as file:
+            _write_bytes(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_directory(directory)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _refused_global(error: BaseException) -> str | None:
+    """The global a ``weights_only`` load refused, or None when the error is something else."""
+    text = str(error)
+    if "Weights only load failed" not in text and "weights_only" not in text:
+        return None
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if match:
+        return f"a reference to {match.group(1)}"
+    match = re.search(r"Unsupported operand (\S+)", text)
+    if match:
+        return f"the pickle instruction {match.group(1)}"
+    return "objects other than tensors and plain containers"
+
+
+def _explain(path: str | os.PathLike, error: BaseException, weights_only: bool) -> CheckpointError:
+    refused = _refused_global(error) if weights_only else None
+    if refused is not None:
+        return CheckpointError(
+            f"checkpoint {str(path)!r} was refused, not loaded: it contains {refused}, which "
+            "loading with weights_only=True does not run. Load it with --weights_only=false "
+            "(weights_only=False in Python) only if you trust its author as you trust code"
+        )
+    return CheckpointError(
+        f"checkpoint {str(path)!r} is truncated or corrupted and cannot be loaded "
+        f"({type(error).__name__}: {_first_line(error)}); resume from another checkpoint"
+    )
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = None,
+                    weights_only: bool | None = True, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint dict; ``weights_only`` (default ``True``; ``None`` means ``True``)
+    refuses anything but tensors and plain containers.
+
+    Raises :class:`~ilvae.errors.CheckpointError` naming ``path`` when the file is missing,
+    truncated, corrupted, refused by ``weights_only`` or not a dict.
+    """
+    weights_only = True if weights_only is None else bool(weights_only)
+    if _is_local(path):
+        local = Path(str(path).removeprefix("file://"))
+        if not local.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+        if local.stat().st_size == 0:
+            raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes); resume from "
+                                  "another checkpoint")
+        try:
+            obj = torch.load(local, map_location=map_location, weights_only=weights_only,
+                             mmap=mmap)
+        except _LOAD_ERRORS as error:
+            raise _explain(path, error, weights_only) from error
+    else:
+        try:
+            with get_filesystem(path).open(path, "rb") as file:
+                obj = torch.load(file, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError as error:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist") from error
+        except _LOAD_ERRORS as error:
+            raise _explain(path, error, weights_only) from error
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a "
+                              "checkpoint dict")
+    return obj
+
+
+def check_checkpoint(path: str | os.PathLike, weights_only: bool | None = True) -> dict[str, Any]:
+    """Validate a checkpoint before a run uses it (memory-mapped: tensors are not read)."""
+    return load_checkpoint(path, map_location="cpu", weights_only=weights_only,
+                           mmap=_is_local(path))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose saves are atomic (temporary file, ``fsync``, rename) and whose
+    loads default to ``weights_only=True`` with errors that name the file.
+
+    Set by the ``ilvae`` CLI unless the configuration names another ``CheckpointIO`` plugin;
+    in Python: ``Trainer(plugins=[AtomicCheckpointIO()])``. Remote paths (``s3://`` …) are
+    written by fsspec in one request, which object stores apply atomically.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options, got "
+                            f"{storage_options!r}")
+        if not _is_local(path):
+            super().save_checkpoint(checkpoint, path)
+            return
+        atomic_save(checkpoint, str(path).removeprefix("file://"))
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def has_checkpoint_io(plugins: Any) -> bool:
+    """Whether a trainer ``plugins`` value already names a ``CheckpointIO``."""
+    if plugins is None:
+        return False
+    items = plugins if isinstance(plugins, (list, tuple)) else [plugins]
+    return any(isinstance(p, CheckpointIO) for p in items)
+
+
+__all__ = ["AtomicCheckpointIO", "atomic_save", "check_checkpoint", "has_checkpoint_io",
+           "load_checkpoint"]

@@ -1,0 +1,468 @@
+"""Text VAE: an LSTM encoder and an LSTM language-model decoder (Bowman et al., 2016), with the
+latent code entering the decoder either the standard way (He et al., 2019) or only at the output
+layer through an inverse-Lipschitz Brenier map (LIDVAE, Wang, Blei & Cunningham, NeurIPS 2021;
+IL-LIDVAE, Kinoshita et al., ICML 2023).
+
+Sentences are token-id rows laid out as in :mod:`ilvae.datamodules.text`:
+``w₁ … w_n <eos> <pad> …``. The decoder predicts every non-pad position (the n words and
+<eos>) from the previous tokens, with ``<bos>`` as its first input. ``<pad>`` and ``<bos>`` are
+never predicted, so the output layer has C = vocab_size − 2 classes: class c is token id c + 2
+(``<eos>`` is class 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torch.distributions import Normal
+from torchmetrics import Metric
+
+from ilvae._config import build_component
+from ilvae.datamodules.text import BOS, EOS, PAD, SPECIALS, UNK
+from ilvae.decoders.il_brenier import ILBrenierDecoder
+from ilvae.errors import ConfigurationError
+from ilvae.models.base import check_number
+from ilvae.objectives import beta_vae_loss
+from ilvae.priors import Prior, PriorCallable, StandardNormal
+
+Z_INJECTIONS = ("standard", "brenier")
+_OFFSET = EOS  # output class c is token id c + _OFFSET
+
+
+def _positive_int(field: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{field}={value!r} is not allowed: expected an integer >= "
+                                 f"{minimum}")
+    return int(value)
+
+
+def _lengths(tokens: Tensor) -> Tensor:
+    """Number of non-pad tokens of each row (<eos> included)."""
+    return (tokens != PAD).sum(-1)
+
+
+def _shift(tokens: Tensor) -> Tensor:
+    """Decoder inputs: ``<bos>`` followed by every token but the last."""
+    bos = tokens.new_full((*tokens.shape[:-1], 1), BOS)
+    return torch.cat([bos, tokens[..., :-1]], dim=-1)
+
+
+class LSTMEncoder(nn.Module):
+    """q(z|x) = N(μ, diag s²) from the LSTM state after the last non-pad token:
+    embedding → LSTM → linear → (μ, softplus(·) + ``min_scale``)."""
+
+    def __init__(self, vocab_size: int, latent_dim: int, embedding_dim: int, hidden_dim: int,
+                 min_scale: float = 1e-4) -> None:
+        super().__init__()
+        self.min_scale = min_scale
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=PAD)
+        self.lstm = nn.LSTM(embedding_dim, hidden_dim, batch_first=True)
+        self.head = nn.Linear(hidden_dim, 2 * latent_dim)
+
+    def forward(self, tokens: Tensor) -> Normal:
+        out, _ = self.lstm(self.embedding(tokens))
+        # A unidirectional LSTM's output at the last real token is its state after the
+        # sentence; the pads after it never reach it.
+        last = (_lengths(tokens) - 1).clamp(min=0)
+        h = out[torch.arange(len(tokens), device=tokens.device), last]
+        loc, raw = self.head(h).chunk(2, dim=-1)
+        return Normal(loc, F.softplus(raw) + self.min_scale)
+
+
+class LSTMDecoder(nn.Module):
+    """LSTM language model p(x|z) = Π_t p(w_t | w_<t, z) with output logits
+
+    * ``z_injection="standard"`` (He et al., 2019): c₀ = W z, h₀ = tanh(c₀) and z concatenated to
+      every input embedding; logits_t = V h_t + b.
+    * ``z_injection="brenier"``: the LSTM runs from a zero state on the words alone, and z enters
+      only at the output layer, logits_t = V h_t + b + u(z) with
+
+          u(z) = [0; g(z)] ∈ R^C,   g = ILBrenierDecoder(latent_dim, C − 1, L),
+
+      the 0 on the ``<eos>`` class. Reading of LIDVAE's "Brenier maps at the output layer": the
+      likelihood's natural parameter must be injective in z. Softmax logits are only identified
+      up to adding a constant to every class, so an injective g: R^m → R^C would not make
+      z ↦ p(·|z) injective (g(z) − g(z′) ∝ 1 leaves it unchanged). Pinning one class's term at 0
+      (the usual reference-class parameterisation of a categorical) fixes that constant: if two
+      codes give the same distributions then u(z) − u(z′) = c·1 with first entry 0, so c = 0 and
+      g(z) = g(z′), hence z = z′. The map z ↦ u(z) is L-inverse-Lipschitz
+      (‖u(z) − u(z′)‖ = ‖g(z) − g(z′)‖ ≥ L‖z − z′‖); measured modulo constants, ‖P(u(z) − u(z′))‖
+      with P the centring projection, the constant is at least L/√C. β of the Brenier map is the
+      fixed isometric zero padding [I; 0] (the LIDVAE text code used an untrained,
+      uninitialised matrix instead).
+
+    ``inputs`` (optional, same shape as ``tokens``) are the tokens fed to the LSTM, shifted right
+    behind ``<bos>``; they default to ``tokens`` (teacher forcing) and differ only under word
+    dropout. ``z`` may carry leading sample dimensions, ``(*S, B, m)``; results then have them
+    too. With ``"brenier"`` the LSTM then runs once for all samples.
+    """
+
+    def __init__(self, vocab_size: int, latent_dim: int, embedding_dim: int, hidden_dim: int,
+                 z_injection: str = "standard", L: float = 1.0,
+                 brenier_hidden: list[int] = [256],  # noqa: B006
+                 brenier_activation: str = "leaky_relu") -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.latent_dim = latent_dim
+        self.num_classes = vocab_size - _OFFSET
+        self.z_injection = z_injection
+        standard = z_injection == "standard"
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=PAD)
+        self.lstm = nn.LSTM(embedding_dim + (latent_dim if standard else 0), hidden_dim,
+                            batch_first=True)
+        self.output = nn.Linear(hidden_dim, self.num_classes)
+        if standard:
+            self.init_state = nn.Linear(latent_dim, hidden_dim)
+        else:
+            self.brenier = ILBrenierDecoder(latent_dim, self.num_classes - 1, L=L,
+                                            hidden=brenier_hidden,
+                                            activation=brenier_activation)
+
+    @property
+    def L(self) -> float:
+        """Inverse-Lipschitz constant of z ↦ u(z) (``"brenier"`` only; settable)."""
+        if self.z_injection != "brenier":
+            raise AttributeError("L exists only with z_injection='brenier'")
+        return self.brenier.L
+
+    @L.setter
+    def L(self, value: float) -> None:
+        if self.z_injection != "brenier":
+            raise AttributeError("L exists only with z_injection='brenier'")
+        self.brenier.L = value
+
+    def output_term(self, z: Tensor) -> Tensor:
+        """u(z) = [0; g(z)], the output-layer term of ``"brenier"``: (..., m) → (..., C)."""
+        if self.z_injection != "brenier":
+            raise AttributeError("output_term exists only with z_injection='brenier'")
+        g = self.brenier(z.reshape(-1, self.latent_dim))
+        u = torch.cat([g.new_zeros(len(g), 1), g], dim=1)
+        return u.reshape(*z.shape[:-1], self.num_classes)
+
+    def _initial_state(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.init_state(z).unsqueeze(0)
+        return torch.tanh(c), c
+
+    def forward(self, tokens: Tensor, z: Tensor, inputs: Tensor | None = None) -> Tensor:
+        """Logits of the C output classes at every position: (*S, B, T, C)."""
+        x = self.embedding(_shift(tokens if inputs is None else inputs))  # (B, T, E)
+        if self.z_injection == "brenier":
+            h, _ = self.lstm(x)
+            return self.output(h) + self.output_term(z).unsqueeze(-2)
+        samples, batch, steps = z.shape[:-2], x.shape[0], x.shape[1]
+        n = math.prod(samples)
+        flat_z = z.reshape(n * batch, -1)
+        x = x.unsqueeze(0).expand(n, *x.shape).reshape(n * batch, steps, -1)
+        x = torch.cat([x, flat_z.unsqueeze(1).expand(-1, steps, -1)], dim=-1)
+        h, _ = self.lstm(x, self._initial_state(flat_z))
+        return self.output(h).reshape(*samples, batch, steps, self.num_classes)
+
+    def token_log_probs(self, tokens: Tensor, z: Tensor, inputs: Tensor | None = None) -> Tensor:
+        """log p(w_t | w_<t, z) at every position, 0 at pads: (*S, B, T)."""
+        logits = self(tokens, z, inputs)
+        mask = tokens != PAD
+        target = torch.where(mask, tokens - _OFFSET, 0).expand(*logits.shape[:-1])
+        picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return torch.where(mask, picked - torch.logsumexp(logits, dim=-1), 0.0)
+
+    def log_prob(self, tokens: Tensor, z: Tensor, inputs: Tensor | None = None) -> Tensor:
+        """log p(x|z) summed over the sentence's tokens (<eos> included): (*S, B)."""
+        return self.token_log_probs(tokens, z, inputs).sum(-1)
+
+    @torch.no_grad()
+    def generate(self, z: Tensor, max_length: int, greedy: bool = False) -> Tensor:
+        """Sentences decoded from z (B, m) one token at a time, by sampling (or argmax when
+        ``greedy``): (B, max_length) rows in the data layout. A sentence that has no <eos>
+        after ``max_length − 1`` words gets one there."""
+        batch = z.shape[0]
+        tokens = torch.full((batch, max_length), PAD, dtype=torch.long, device=z.device)
+        previous = torch.full((batch,), BOS, dtype=torch.long, device=z.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=z.device)
+        if self.z_injection == "brenier":
+            state, bias = None, self.output_term(z)
+        else:
+            state, bias = self._initial_state(z), 0.0
+        for t in range(max_length):
+            x = self.embedding(previous).unsqueeze(1)
+            if self.z_injection == "standard":
+                x = torch.cat([x, z.unsqueeze(1)], dim=-1)
+            h, state = self.lstm(x, state)
+            logits = self.output(h[:, 0]) + bias
+            if greedy:
+                cls = logits.argmax(-1)
+            else:
+                cls = torch.multinomial(torch.softmax(logits.float(), -1), 1).squeeze(-1)
+            token = cls + _OFFSET if t < max_length - 1 else torch.full_like(cls, EOS)
+            tokens[:, t] = torch.where(done, PAD, token)
+            done |= token == EOS
+            if bool(done.all()):
+                break
+            previous = token
+        return tokens
+
+
+class _TextNLL(Metric):
+    """Sums of per-sentence NLLs, sentences and predicted tokens, for
+
+        iw_nll = Σ NLL(x) / #sentences,   ppl = exp(Σ NLL(x) / Σ_x (n_x + 1)),
+
+    n_x + 1 being the sentence's words plus its <eos> (``<bos>`` and pads are not counted)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("nll_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sentences", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nll: Tensor, tokens: Tensor) -> None:
+        self.nll_sum = self.nll_sum + nll.double().sum()
+        self.sentences = self.sentences + nll.numel()
+        self.tokens = self.tokens + _lengths(tokens).sum().double()
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"iw_nll": self.nll_sum / self.sentences,
+                "ppl": torch.exp(self.nll_sum / self.tokens)}
+
+
+class TextVAE(LightningModule):
+    """Sentence VAE trained on the (β-weighted) evidence lower bound
+
+        loss = −E_batch[Σ_t log p(w_t | w_<t, z)] + β · Σ_i max(λ, E_batch KL(q(z_i|x) ‖ p(z_i))),
+
+    the token log-likelihoods summed over each sentence's non-pad positions (words and <eos>),
+    the KL summed over latent dimensions, both averaged over sentences; β = ``beta``,
+    λ = ``free_bits``. See :class:`LSTMDecoder` for how z enters the decoder.
+
+    Logged: ``{stage}/loss``, ``/recon``, ``/kl``, ``/elbo`` (per sentence, nats);
+    ``train/beta`` and, with ``"brenier"``, ``train/L`` (the settable ``decoder.L``, so the
+    β- and L-annealing callbacks apply). At validation and test, with K = ``num_iw_samples``:
+
+        {stage}/iw_nll = mean over sentences of −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x),
+        {stage}/ppl    = exp(Σ_x NLL_K(x) / Σ_x (n_x + 1)),
+
+    z_k ~ q(z|x), n_x + 1 the words of x plus its <eos> (``<bos>`` and pads are not counted).
+    E[NLL_K] ≥ −log p(x), decreasing in K (Burda et al., 2016); K = 0 skips both. With
+    :class:`~ilvae.callbacks.CollapseMonitor` switch its own ``iw_nll`` off (this module already
+    logs the metric).
+
+    Args:
+        data_shape: ``(max_length,)``; supplied by the datamodule in the CLI.
+        vocab_size: token ids, the four special ones included (≥ 5); supplied by the datamodule.
+        latent_dim: m.
+        embedding_dim, hidden_dim: word-embedding and LSTM widths (encoder and decoder each).
+        z_injection: ``"standard"`` or ``"brenier"`` (LIDVAE-style, see :class:`LSTMDecoder`).
+        L: inverse-Lipschitz constant of z ↦ u(z) with ``"brenier"`` (0 is LIDVAE).
+        brenier_hidden, brenier_activation: widths and activation of each ICNN of the Brenier
+            map (``"leaky_relu"`` or ``"softplus"``).
+        word_dropout: during training each decoder input word is replaced by ``<unk>`` with this
+            probability (Bowman et al., 2016); the likelihood itself is never corrupted.
+        beta, free_bits: KL weight β ≥ 0 and per-dimension free-bits threshold λ ≥ 0 (nats).
+        prior: prior callable ``(latent_dim) -> Prior`` (default N(0, I)).
+        num_iw_samples, iw_chunk_size: K of the importance-weighted NLL, and how many samples
+            are decoded at once (memory ∝ chunk · batch · max_length · vocab_size).
+        optimizer, lr_scheduler: LightningCLI callables (default Adam, lr 1e-3).
+
+    >>> model = TextVAE(data_shape=(8,), vocab_size=20, latent_dim=4, embedding_dim=8,
+    ...                 hidden_dim=16, z_injection="brenier", brenier_hidden=[8])
+    >>> tokens = torch.tensor([[5, 6, 2, 0, 0, 0, 0, 0]])
+    >>> model.encode(tokens).loc.shape, model.decoder.log_prob(tokens, torch.zeros(1, 4)).shape
+    (torch.Size([1, 4]), torch.Size([1]))
+    """
+
+    #: The module logs its own ``val/iw_nll`` over sentences; CollapseMonitor leaves it alone.
+    computes_iw_nll = True
+
+    def __init__(self, data_shape: tuple[int, ...], vocab_size: int, latent_dim: int = 32,
+                 embedding_dim: int = 256, hidden_dim: int = 512,
+                 z_injection: str = "standard", L: float = 1.0,
+                 brenier_hidden: list[int] = [256],  # noqa: B006
+                 brenier_activation: str = "leaky_relu", word_dropout: float = 0.0,
+                 beta: float = 1.0, free_bits: float = 0.0, prior: PriorCallable | None = None,
+                 num_iw_samples: int = 500, iw_chunk_size: int = 10,
+                 optimizer: OptimizerCallable | None = None,
+                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
+        super().__init__()
+        shape = tuple(data_shape)
+        if len(shape) != 1 or isinstance(shape[0], bool) or not isinstance(shape[0], int) \
+                or shape[0] < 2:
+            raise ConfigurationError(f"data_shape={data_shape!r} is not allowed: expected "
+                                     "(max_length,) with max_length >= 2 (it is supplied by the "
+                                     "datamodule)")
+        self.data_shape = shape
+        self.max_length = shape[0]
+        self.vocab_size = _positive_int("vocab_size", vocab_size, len(SPECIALS) + 1)
+        self.latent_dim = _positive_int("latent_dim", latent_dim)
+        embedding_dim = _positive_int("embedding_dim", embedding_dim)
+        hidden_dim = _positive_int("hidden_dim", hidden_dim)
+        if z_injection not in Z_INJECTIONS:
+            raise ConfigurationError(f"z_injection={z_injection!r} is unknown; choose one of "
+                                     f"{', '.join(Z_INJECTIONS)}")
+        if z_injection == "brenier" and self.vocab_size - _OFFSET - 1 < self.latent_dim:
+            raise ConfigurationError(
+                f"vocab_size={vocab_size} is too small for z_injection='brenier' with "
+                f"latent_dim={latent_dim}: the Brenier map needs vocab_size - 3 >= latent_dim")
+        self.word_dropout = check_number("word_dropout", word_dropout)
+        if self.word_dropout >= 1:
+            raise ConfigurationError(f"word_dropout={word_dropout!r} is not allowed: expected a "
+                                     "probability in [0, 1)")
+        self.beta = check_number("beta", beta)
+        self.free_bits = check_number("free_bits", free_bits)
+        self.num_iw_samples = _positive_int("num_iw_samples", num_iw_samples, 0)
+        self.iw_chunk_size = _positive_int("iw_chunk_size", iw_chunk_size)
+        self.encoder = LSTMEncoder(self.vocab_size, self.latent_dim, embedding_dim, hidden_dim)
+        try:
+            self.decoder = LSTMDecoder(self.vocab_size, self.latent_dim, embedding_dim,
+                                       hidden_dim, z_injection, L, brenier_hidden,
+                                       brenier_activation)
+            self.prior = build_component(StandardNormal if prior is None else prior,
+                                         self.latent_dim, base=Prior, field="prior")
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from exc
+        self.z_injection = z_injection
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.save_hyperparameters(ignore=["prior", "optimizer", "lr_scheduler"])
+        if hasattr(self.prior, "config"):
+            self.hparams["prior"] = self.prior.config
+        self._nll = nn.ModuleDict({"val": _TextNLL(), "test": _TextNLL()})
+
+    # ----------------------------------------------------------------- maths
+    def encode(self, tokens: Tensor) -> Normal:
+        """q(z|x) as a ``Normal`` with loc/scale of shape (B, latent_dim)."""
+        return self.encoder(tokens)
+
+    def forward(self, tokens: Tensor, inputs: Tensor | None = None) -> dict[str, Tensor]:
+        """Posterior, a reparameterised z, log p(x|z) (B,) and the KL per dimension (B, m);
+        ``inputs`` are the decoder inputs (default: ``tokens``)."""
+        posterior = self.encode(tokens)
+        z = posterior.rsample()
+        log_px = self.decoder.log_prob(tokens, z, inputs)
+        return {"posterior": posterior, "z": z, "log_px": log_px,
+                "kl": self.prior.kl(posterior, z)}
+
+    def drop_words(self, tokens: Tensor) -> Tensor:
+        """``tokens`` with each word (not <eos>, not pad) replaced by <unk> with probability
+        ``word_dropout``."""
+        if self.word_dropout == 0:
+            return tokens
+        words = (tokens != PAD) & (tokens != EOS)
+        drop = torch.rand(tokens.shape, device=tokens.device) < self.word_dropout
+        return torch.where(words & drop, UNK, tokens)
+
+    @torch.no_grad()
+    def iw_nll(self, tokens: Tensor, num_samples: int | None = None,
+               chunk_size: int | None = None) -> Tensor:
+        """NLL_K(x) = −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x), per sentence:
+        (B,) float64 nats. All sentences at once, the K samples in chunks of ``chunk_size``
+        (defaults: ``num_iw_samples``, ``iw_chunk_size``). Nothing in the model depends on the
+        training flag (word dropout belongs to the training step), so any mode gives the same."""
+        k_total = self.num_iw_samples if num_samples is None else num_samples
+        chunk = self.iw_chunk_size if chunk_size is None else chunk_size
+        if k_total < 1 or chunk < 1:
+            raise ValueError(f"num_samples and chunk_size must be >= 1, got {k_total}, {chunk}")
+        posterior = self.encode(tokens)
+        batch = tokens.shape[0]
+        log_w = []
+        for start in range(0, k_total, chunk):
+            k = min(chunk, k_total - start)
+            z = posterior.sample((k,))  # (k, B, m)
+            log_px = self.decoder.log_prob(tokens, z)
+            log_pz = self.prior.log_prob(z.reshape(k * batch, -1)).reshape(k, batch)
+            log_qz = posterior.log_prob(z).sum(-1)
+            log_w.append((log_px + log_pz - log_qz).double())
+        return math.log(k_total) - torch.logsumexp(torch.cat(log_w), dim=0)
+
+    # -------------------------------------------------------------- training
+    def _tokens(self, batch: Any) -> Tensor:
+        tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if tokens.dtype != torch.long or tokens.ndim != 2 or tokens.shape[1] != self.max_length:
+            raise ConfigurationError(
+                f"TextVAE expects int64 token rows (B, {self.max_length}), got {tokens.dtype} "
+                f"{tuple(tokens.shape)}; use TextDataModule")
+        return tokens
+
+    def _step(self, batch: Any, stage: str) -> Tensor:
+        tokens = self._tokens(batch)
+        inputs = self.drop_words(tokens) if stage == "train" else None
+        out = self(tokens, inputs)
+        loss, terms = beta_vae_loss(out["log_px"], out["kl"], self.beta, self.free_bits)
+        on_step = stage == "train"
+        size = tokens.shape[0]
+        self.log(f"{stage}/loss", terms.pop("loss"), on_step=on_step, on_epoch=True,
+                 prog_bar=True, batch_size=size)
+        self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, on_step=on_step,
+                      on_epoch=True, batch_size=size)
+        if stage == "train":
+            self.log("train/beta", float(self.beta), on_step=True, on_epoch=False)
+            if self.z_injection == "brenier":
+                self.log("train/L", float(self.decoder.L), on_step=True, on_epoch=False)
+        elif self.num_iw_samples > 0:
+            self._nll[stage].update(self.iw_nll(tokens), tokens)
+        return loss
+
+    def _log_nll(self, stage: str) -> None:
+        metric = self._nll[stage]
+        if metric.update_count:
+            # compute() already synchronises the sums across processes.
+            for name, value in metric.compute().items():
+                self.log(f"{stage}/{name}", value.float(), sync_dist=False)
+        metric.reset()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_nll("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_nll("test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Posterior parameters of each sentence (and the batch's second tensor as ``y``)."""
+        posterior = self.encode(self._tokens(batch))
+        out = {"loc": posterior.loc, "scale": posterior.scale}
+        if isinstance(batch, (tuple, list)) and len(batch) > 1:
+            out["y"] = batch[1]
+        return out
+
+    def on_fit_start(self) -> None:
+        # Reject data the vocabulary cannot score before the first step.
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "tensors"):
+            tokens = self._tokens(dm.tensors("fit")[0])
+            top = int(tokens.max())
+            if top >= self.vocab_size or int(tokens.min()) < 0:
+                raise ConfigurationError(
+                    f"the data hold token id {top} but vocab_size={self.vocab_size}; link "
+                    "vocab_size from the datamodule")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = (self.optimizer or torch.optim.Adam)(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+
+    # ----------------------------------------------------------- generation
+    @torch.no_grad()
+    def sample(self, n: int, greedy: bool = False) -> Tensor:
+        """n sentences decoded from z ~ p(z): token rows (n, max_length)."""
+        return self.decoder.generate(self.prior.sample(n), self.max_length, greedy)
+
+    @torch.no_grad()
+    def reconstruct(self, tokens: Tensor, greedy: bool = True) -> Tensor:
+        """Sentences decoded from the posterior mean E_q[z|x]."""
+        return self.decoder.generate(self.encode(tokens).loc, self.max_length, greedy)

@@ -1,0 +1,168 @@
+"""Conditional datamodules: the MNIST quarter split is exact and the synthetic Gaussian pairs
+have the residual second moment E they promise."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.mnist
+
+from ilvae.datamodules.conditional import LinearConditionalData, MNISTQuarters
+
+
+def _write_idx(path, array):
+    header = struct.pack(">I", {3: 2051, 1: 2049}[array.ndim])
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + array.astype(np.uint8).tobytes())
+
+
+def _write_mnist_like(root, name, n_train=30, n_test=8):
+    rng = np.random.default_rng(0)
+    raw = root / name / "raw"
+    raw.mkdir(parents=True)
+    written = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        written[prefix] = (images, labels)
+    return written
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", refuse)
+
+
+# -- MNIST quarters -------------------------------------------------------------------------------
+
+
+def test_quarter_shapes_are_known_before_setup():
+    dm = MNISTQuarters(root="nowhere", download=False)
+    assert dm.data_shape == (1, 14, 14) and dm.target_shape == (588,) and dm.num_classes == 10
+    assert dm._splits is None
+
+
+@pytest.mark.parametrize("dataset", ["MNIST", "FashionMNIST"])
+def test_quarters_reassemble_the_images_pixel_for_pixel(tmp_path, no_network, dataset):
+    written = _write_mnist_like(tmp_path, dataset)
+    dm = MNISTQuarters(dataset=dataset, root=str(tmp_path), download=False, val_fraction=0.0,
+                       batch_size=7)
+    for stage, prefix in (("train", "train"), ("test", "t10k")):
+        x, y, label = dm.tensors(stage)
+        images, labels = written[prefix]
+        pixels = images.astype(np.float32) / 255.0
+        n = len(images)
+        assert x.shape == (n, 1, 14, 14) and y.shape == (n, 588) and x.dtype == torch.float32
+        # Reassembled by hand: y = [top-left, top-right, bottom-right], each row by row.
+        rebuilt = np.zeros((n, 28, 28), dtype=np.float32)
+        rebuilt[:, 14:, :14] = x[:, 0].numpy()
+        quarters = y.numpy().reshape(n, 3, 14, 14)
+        rebuilt[:, :14, :14] = quarters[:, 0]
+        rebuilt[:, :14, 14:] = quarters[:, 1]
+        rebuilt[:, 14:, 14:] = quarters[:, 2]
+        assert np.array_equal(rebuilt, pixels)
+        assert np.array_equal(y[:, 0].numpy(), pixels[:, 0, 0])  # first: top-left corner
+        assert np.array_equal(y[:, 196].numpy(), pixels[:, 0, 14])  # top-right starts at 196
+        assert np.array_equal(y[:, 392].numpy(), pixels[:, 14, 14])  # bottom-right at 392
+        assert torch.equal(label, torch.from_numpy(labels.astype(np.int64)))
+        assert torch.equal(MNISTQuarters.assemble(x, y), torch.from_numpy(pixels).unsqueeze(1))
+
+
+def test_quarter_batches_are_x_y_label(tmp_path, no_network):
+    _write_mnist_like(tmp_path, "MNIST")
+    dm = MNISTQuarters(root=str(tmp_path), download=False, val_fraction=0.2, batch_size=5)
+    x, y, label = next(iter(dm.train_dataloader()))
+    assert x.shape == (5, 1, 14, 14) and y.shape == (5, 588) and label.dtype == torch.int64
+    train, val = dm.tensors("train"), dm.tensors("val")
+    assert len(train[0]) + len(val[0]) == 30 and len(val[0]) == 6
+    pool = torch.cat([train[1], val[1]])
+    assert len(torch.unique(pool, dim=0)) == 30  # a partition of the training images
+
+
+def test_quarters_follow_the_image_modules_subsample(tmp_path, no_network):
+    from ilvae.datamodules import MNIST
+
+    _write_mnist_like(tmp_path, "MNIST")
+    images = MNIST(root=str(tmp_path), download=False, subsample=12, seed=3, val_fraction=0.0)
+    dm = MNISTQuarters(root=str(tmp_path), download=False, subsample=12, seed=3, val_fraction=0.0)
+    x_img, labels = images.tensors("train")
+    x, y, label = dm.tensors("train")
+    assert torch.equal(MNISTQuarters.assemble(x, y), x_img) and torch.equal(label, labels)
+
+
+def test_quarters_reject_an_unknown_dataset_and_name_missing_files(tmp_path, no_network):
+    with pytest.raises(ValueError, match="dataset='KMNIST' is unknown"):
+        MNISTQuarters(dataset="KMNIST")
+    with pytest.raises(ValueError, match="subsample"):
+        MNISTQuarters(subsample=0)
+    dm = MNISTQuarters(root=str(tmp_path / "nowhere"), download=False)
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        dm.setup()
+
+
+# -- synthetic jointly Gaussian pairs --------------------------------------------------------------
+
+
+def _residual(x, y):
+    x, y = x.double(), y.double()
+    n = len(x)
+    sxx, sxy, syy = x.T @ x / n, x.T @ y / n, y.T @ y / n
+    return syy - sxy.T @ torch.linalg.solve(sxx, sxy), syy
+
+
+@pytest.mark.parametrize(("x_dim", "rho"), [(4, 0.0), (4, 0.6), (2, 0.9), (6, 0.95)])
+def test_linear_pairs_have_the_chosen_residual_spectrum(x_dim, rho):
+    variances = [8.0, 2.0, 0.5, 0.125]
+    dm = LinearConditionalData(x_dim=x_dim, variances=variances, correlation=rho,
+                               num_samples=100_000, val_fraction=0.0)
+    x, y, label = dm.tensors("train")
+    assert x.shape == (100_000, x_dim) and y.shape == (100_000, 4) and bool((label == -1).all())
+    e, syy = _residual(x, y)
+    k = min(x_dim, 4)
+    expected = torch.tensor([v * (1 - rho**2) if j < k else v for j, v in enumerate(variances)],
+                            dtype=torch.float64)
+    assert torch.allclose(dm.residual_eigenvalues, expected)
+    got = torch.linalg.eigvalsh(e).flip(0)
+    assert torch.allclose(got, expected.sort(descending=True).values, rtol=0.03, atol=2e-3)
+    assert torch.allclose(e, dm.residual_second_moment, rtol=0, atol=0.03 * float(expected.max()))
+    assert torch.allclose(torch.linalg.eigvalsh(syy).flip(0),
+                          torch.tensor(variances, dtype=torch.float64), rtol=0.03)
+
+
+def test_stronger_correlation_shrinks_every_paired_eigenvalue():
+    values = [LinearConditionalData(correlation=rho).residual_eigenvalues
+              for rho in (0.0, 0.3, 0.6, 0.9)]
+    for weaker, stronger in zip(values[:-1], values[1:], strict=True):
+        assert bool((stronger < weaker).all())
+    counts = [int((v < 1.0).sum()) for v in values]  # latents predicted to collapse at βη² = 1
+    assert counts == sorted(counts) and counts[0] < counts[-1]
+
+
+def test_linear_pairs_depend_on_the_seed_only():
+    a, b = LinearConditionalData(seed=1), LinearConditionalData(seed=1)
+    assert all(torch.equal(s, t) for s, t in zip(a.tensors("train"), b.tensors("train"),
+                                                 strict=True))
+    c = LinearConditionalData(seed=2)
+    assert not torch.equal(a.tensors("train")[0], c.tensors("train")[0])
+    train, test = a.tensors("train")[1], a.tensors("test")[1]
+    assert len(test) == 10000 and not torch.equal(train[:100], test[:100])
+
+
+@pytest.mark.parametrize(("kw", "pattern"), [
+    ({"correlation": 1.0}, r"correlation must be a finite number in \[0, 1\)"),
+    ({"variances": [1.0, 0.0]}, "variances must all be > 0"),
+    ({"variances": []}, "variances must list"),
+    ({"x_dim": 0}, "x_dim must be an integer >= 1"),
+    ({"num_samples": 1}, "num_samples must be an integer >= 2"),
+])
+def test_linear_pairs_reject_bad_arguments(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        LinearConditionalData(**kw)

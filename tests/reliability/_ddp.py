@@ -1,0 +1,144 @@
+"""Train every model family and decoder with Lightning DDP (two CPU processes, gloo) or in one
+process, on the same data, for the comparison in ``test_scale_out.py``.
+
+    python tests/reliability/_ddp.py OUT ddp       # 2 processes, batch B per process
+    python tests/reliability/_ddp.py OUT single    # 1 process, batch 2B
+
+One optimisation step then sees the same 2B examples in both layouts (``EpochShuffleSampler``
+gives process r the positions r, r+2, … of the single-process order), and DDP averages the two
+processes' gradients of their batch means, which is the gradient of the 2B-example mean.
+
+Posterior noise: each process draws ε for the whole 2B-example batch from its generator (all
+processes are seeded alike) and keeps the rows of its own examples, the rows a single process
+would give them. Without this the two layouts would draw different random numbers for the same
+example and could not be compared number for number; it is how the noise is laid out, not what
+DDP computes, so the comparison still tests gradient averaging, buffer broadcasting and the
+cross-process reduction of logged metrics and torchmetrics states.
+
+To cover a new model family, add a row to ``CASES``: its class path, constructor arguments and
+the likelihood its data need.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributions import Normal
+
+HIDDEN = {"hidden": [16]}
+CASES: dict[str, dict[str, Any]] = {
+    "vae-mlp": {"model": "ilvae.models.VAE",
+                "args": {"decoder": {"class_path": "mlp", "init_args": HIDDEN}}},
+    "vae-lipschitz": {"model": "ilvae.models.VAE",
+                      "args": {"decoder": {"class_path": "lipschitz",
+                                           "init_args": {**HIDDEN, "K": 2.0}}}},
+    "vae-il_brenier": {"model": "ilvae.models.VAE",
+                       "args": {"decoder": {"class_path": "il_brenier",
+                                            "init_args": {**HIDDEN, "L": 0.5}}}},
+    "vae-ar_elbo": {"model": "ilvae.models.VAE",
+                    "args": {"decoder": {"class_path": "ar_elbo", "init_args": HIDDEN}}},
+    "autoencoder-il_brenier": {"model": "ilvae.models.Autoencoder",
+                               "args": {"decoder": {"class_path": "il_brenier",
+                                                    "init_args": {**HIDDEN, "L": 0.5}}}},
+    "mixture-il_brenier": {"model": "ilvae.models.mixture.MixtureVAE",
+                           "args": {"num_components": 2, "L1": 0.5, "classifier_hidden": [16],
+                                    "mean_hidden": [8],
+                                    "decoder": {"class_path": "il_brenier",
+                                                "init_args": {**HIDDEN, "L": 0.5}}}},
+    "vae-mlp-skip": {"model": "ilvae.models.VAE", "poison": [1],
+                     "args": {"decoder": {"class_path": "mlp", "init_args": HIDDEN}}},
+}
+LATENT, DATA_DIM, N, PER_PROCESS_BATCH, EPOCHS, SEED = 3, 10, 64, 8, 2, 11
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _rsample(self: Normal, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    shape = self._extended_shape(sample_shape)
+    world, rank = _world()
+    if len(shape) < 2 or world == 1:
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+    else:
+        full = list(shape)
+        full[-2] *= world
+        eps = torch.randn(full, dtype=self.loc.dtype, device=self.loc.device)
+        eps = eps[..., rank::world, :]
+    return self.loc + eps * self.scale
+
+
+def patch_noise() -> Any:
+    """Lay the posterior noise out per example (module docstring); returns the original."""
+    original = Normal.rsample
+    Normal.rsample = _rsample
+    return original
+
+
+def make_data(path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    torch.save(torch.rand(N, DATA_DIM, generator=generator), path)
+
+
+def build(case: dict[str, Any], data: Path, batch_size: int) -> tuple[Any, Any]:
+    from ilvae._config import import_class
+    from ilvae.datamodules import ArrayDataModule
+
+    datamodule = ArrayDataModule(path=str(data), batch_size=batch_size, val_fraction=0.25,
+                                 seed=SEED)
+    cls = import_class(case["model"])
+    model = cls(data_shape=datamodule.data_shape, latent_dim=LATENT,
+                encoder={"class_path": "ilvae.encoders.MLPEncoder", "init_args": HIDDEN},
+                **case["args"])
+    return model, datamodule
+
+
+def train(name: str, data: Path, mode: str) -> dict[str, Any]:
+    """Fit case ``name`` and validate it; returns what rank 0 saves."""
+    import lightning.pytorch as pl
+
+    from ilvae.callbacks.fault_tolerance import NonFiniteLossGuard
+
+    case = CASES[name]
+    ddp = mode == "ddp"
+    pl.seed_everything(SEED, verbose=False)
+    model, datamodule = build(case, data, PER_PROCESS_BATCH if ddp else 2 * PER_PROCESS_BATCH)
+    callbacks: list[Any] = [NonFiniteLossGuard(action="skip" if case.get("poison") else "stop")]
+    if case.get("poison"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _faults import PoisonBatch
+
+        callbacks.append(PoisonBatch(case["poison"]))
+    trainer = pl.Trainer(accelerator="cpu", devices=2 if ddp else 1,
+                         strategy="ddp" if ddp else "auto", max_epochs=EPOCHS,
+                         deterministic=True, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=callbacks)
+    trainer.fit(model, datamodule=datamodule)
+    validated = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "val": {k: float(v) for k, v in validated.items()},
+            "skipped": [s["step"] for s in model.loss_guard.skipped],
+            "global_step": trainer.global_step, "world_size": trainer.world_size}
+
+
+def main(out: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    out_dir = Path(out)
+    data = out_dir / "data.pt"
+    patch_noise()
+    results = {}
+    for name in CASES:
+        results[name] = train(name, data, mode)
+    if _world()[1] == 0:
+        torch.save(results, out_dir / f"{mode}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,131 @@
+"""Fault injection for the reliability tests: callbacks a child ``ilvae`` process is configured
+with (``class_path: _faults.KillAt``), and the entry point that runs it.
+
+Run as ``python tests/reliability/_faults.py fit --config …``: one torch thread (the tests
+compare results bit for bit with runs made in the pytest process, which also uses one), this
+folder on ``sys.path`` so configs can name the callbacks below, then ``ilvae.cli.main``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import ilvae.checkpointing
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillAt(Callback):
+    """SIGKILL this process at a chosen moment.
+
+    Args:
+        step: the global step (optimizer steps done) at which to die.
+        moment: ``"batch_end"`` — right after that training step (mid-epoch unless the step ends
+            an epoch); ``"during_save"`` — while writing the first checkpoint saved at or after
+            that step, once half of its bytes are on disk; ``"validation"`` — in the middle of
+            the first validation pass at or after that step.
+        marker: optional file written just before dying (tells the parent where it died).
+    """
+
+    def __init__(self, step: int, moment: str = "batch_end", marker: str | None = None) -> None:
+        self.step = step
+        self.moment = moment
+        self.marker = marker
+
+    def _mark(self, what: str) -> None:
+        if self.marker:
+            Path(self.marker).write_text(what)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.moment != "during_save":
+            return
+        original = ilvae.checkpointing._write_bytes
+
+        def half_then_die(checkpoint: dict[str, Any], file: Any) -> None:
+            if trainer.global_step < self.step:
+                original(checkpoint, file)
+                return
+            import io
+
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            data = buffer.getvalue()
+            file.write(data[: len(data) // 2])
+            file.flush()
+            os.fsync(file.fileno())
+            self._mark(f"during_save step={trainer.global_step} file={file.name}")
+            _die()
+
+        ilvae.checkpointing._write_bytes = half_then_die
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.moment == "batch_end" and trainer.global_step == self.step:
+            self._mark(f"batch_end step={trainer.global_step}")
+            _die()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if (self.moment == "validation" and not trainer.sanity_checking
+                and trainer.global_step >= self.step):
+            self._mark(f"validation step={trainer.global_step}")
+            _die()
+
+
+class PoisonBatch(Callback):
+    """Replace the input of chosen training steps by NaNs (a corrupted batch)."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if trainer.global_step in self.steps:
+            batch[0].fill_(float("nan"))
+
+
+def final_state(trainer: pl.Trainer) -> dict[str, Any]:
+    """What the tests compare between runs: logged metrics, step, every tensor of the model."""
+    module = trainer.lightning_module
+    return {
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "global_step": trainer.global_step,
+        "epoch": trainer.current_epoch,
+        "state": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+        "beta": float(getattr(module, "beta", float("nan"))),
+    }
+
+
+class DumpFinalState(Callback):
+    """Write :func:`final_state` to ``path`` (``torch.save``) when fitting ends."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            torch.save(final_state(trainer), self.path)
+            Path(self.path).with_suffix(".json").write_text(
+                json.dumps(final_state(trainer)["metrics"]))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ilvae.cli import main
+
+    sys.exit(main(sys.argv[1:]))
