@@ -172,7 +172,8 @@ class NonFiniteLossGuard(Callback):
     def _write(trainer: pl.Trainer, report: dict[str, Any]) -> None:
         if not trainer.is_global_zero:
             return
-        directory = trainer.log_dir or trainer.default_root_dir
+        # Not trainer.log_dir: that is a collective, and this runs on rank 0 only.
+        directory = getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir
         if not directory:
             return
         os.makedirs(directory, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from .arrays import ArrayDataModule
 from .base import VAEDataModule
+from .conditional import ConditionalDataModule, LinearConditionalData, MNISTQuarters
 from .images import MNIST, Digits, FashionMNIST
 from .text import TextDataModule, Vocabulary
 from .toy import TwoGaussians
@@ -9,8 +10,11 @@ from .toy import TwoGaussians
 __all__ = [
     "MNIST",
     "ArrayDataModule",
+    "ConditionalDataModule",
     "Digits",
     "FashionMNIST",
+    "LinearConditionalData",
+    "MNISTQuarters",
     "TextDataModule",
     "TwoGaussians",
     "VAEDataModule",

@@ -21,6 +21,7 @@ from .base import _STAGES, VAEDataModule, seeded_generator
 from .images import MNIST, FashionMNIST
 
 Triple = tuple[Tensor, Tensor, Tensor]
+_SOURCES = {"MNIST": MNIST, "FashionMNIST": FashionMNIST}
 
 
 class _TripleDataset(Dataset):
@@ -156,20 +157,19 @@ class MNISTQuarters(ConditionalDataModule):
                  drop_last: bool = False) -> None:
         super().__init__(batch_size=batch_size, val_fraction=val_fraction, seed=seed,
                          num_workers=num_workers, drop_last=drop_last)
-        sources = {"MNIST": MNIST, "FashionMNIST": FashionMNIST}
-        if dataset not in sources:
+        if dataset not in _SOURCES:
             raise ValueError(f"dataset={dataset!r} is unknown; choose one of MNIST, FashionMNIST")
         self.dataset = dataset
         # The image datamodule checks root, download and subsample now, not at setup.
         self._source_args = {"root": root, "download": download, "subsample": subsample,
                              "seed": seed, "val_fraction": 0.0}
-        sources[dataset](**self._source_args)
+        _SOURCES[dataset](**self._source_args)
         self._data_shape = (1, 14, 14)
         self._target_shape = (588,)
         self._num_classes = 10
 
     def _source(self) -> MNIST:
-        return {"MNIST": MNIST, "FashionMNIST": FashionMNIST}[self.dataset](**self._source_args)
+        return _SOURCES[self.dataset](**self._source_args)
 
     @staticmethod
     def split(images: Tensor) -> tuple[Tensor, Tensor]:

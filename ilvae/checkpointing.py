@@ -5,6 +5,9 @@
   renamed over the target with ``os.replace`` (atomic on POSIX and Windows). A process killed at
   any moment therefore leaves either the previous complete file or the new complete file, never
   a partial ``last.ckpt``.
+- Each checkpoint it writes carries a SHA-256 digest of its contents (every tensor's bytes and
+  every other value), checked on load: a bit flipped in the tensor data, which ``torch.load``
+  would load silently, is reported instead of resumed from.
 - :func:`load_checkpoint` — ``torch.load`` with ``weights_only=True`` by default: tensors,
   numbers, strings and containers only, so a checkpoint carrying a pickled object (which could
   run arbitrary code when unpickled) is refused instead of executed. Missing, truncated,
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 import re
@@ -31,6 +35,7 @@ from lightning.pytorch.plugins.io.checkpoint_plugin import CheckpointIO
 from ilvae.errors import CheckpointError
 
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+DIGEST_KEY = "ilvae_digest"
 _LOAD_ERRORS = (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError,
                 zipfile.BadZipFile, pickle.UnpicklingError, UnicodeDecodeError)
 
@@ -61,6 +66,45 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
+def digest(checkpoint: dict[str, Any]) -> str:
+    """SHA-256 over every leaf of ``checkpoint`` (its digest entry excluded): each tensor's
+    dtype, shape and bytes, and the ``repr`` of every other value, with its path."""
+    hasher = hashlib.sha256()
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach()
+            hasher.update(f"{path}|T|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            if tensor.numel():
+                raw = tensor.cpu().contiguous().reshape(-1).view(torch.uint8)
+                hasher.update(memoryview(raw.numpy()))
+        elif isinstance(value, dict):
+            for key in sorted(value, key=repr):
+                if not (path == "" and key == DIGEST_KEY):
+                    walk(value[key], f"{path}/{key!r}")
+        elif isinstance(value, (list, tuple)):
+            hasher.update(f"{path}|{len(value)}".encode())
+            for i, item in enumerate(value):
+                walk(item, f"{path}/{i}")
+        else:
+            hasher.update(f"{path}|{value!r}".encode())
+
+    walk(checkpoint, "")
+    return hasher.hexdigest()
+
+
+def _verify(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
+    expected = checkpoint.get(DIGEST_KEY)
+    if not isinstance(expected, str):
+        return  # written by another tool: nothing to check against
+    if digest(checkpoint) != expected:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupted: its contents do not match the SHA-256 "
+            "digest written with it (damaged on disk or in a copy); resume from another "
+            "checkpoint"
+        )
+
+
 def _write_bytes(checkpoint: dict[str, Any], file: Any) -> None:
     """Serialise ``checkpoint`` into an open binary file."""
     torch.save(checkpoint, file)
@@ -81,6 +125,7 @@ def atomic_save(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
             with contextlib.suppress(OSError):
                 stale.unlink()
     tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+    checkpoint = {**checkpoint, DIGEST_KEY: digest(checkpoint)}
     try:
         with open(tmp, "wb") as file:
             _write_bytes(checkpoint, file)
@@ -99,27 +144,21 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _refused_global(error: BaseException) -> str | None:
-    """The global a ``weights_only`` load refused, or None when the error is something else."""
-    text = str(error)
-    if "Weights only load failed" not in text and "weights_only" not in text:
-        return None
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if match:
-        return f"a reference to {match.group(1)}"
-    match = re.search(r"Unsupported operand (\S+)", text)
-    if match:
-        return f"the pickle instruction {match.group(1)}"
-    return "objects other than tensors and plain containers"
-
-
 def _explain(path: str | os.PathLike, error: BaseException, weights_only: bool) -> CheckpointError:
-    refused = _refused_global(error) if weights_only else None
-    if refused is not None:
+    text = str(error)
+    trust = ("Load it with --weights_only=false (weights_only=False in Python) only if you "
+             "trust its author as you trust code")
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) if weights_only else None
+    if refused:
         return CheckpointError(
-            f"checkpoint {str(path)!r} was refused, not loaded: it contains {refused}, which "
-            "loading with weights_only=True does not run. Load it with --weights_only=false "
-            "(weights_only=False in Python) only if you trust its author as you trust code"
+            f"checkpoint {str(path)!r} was refused, not loaded: it refers to "
+            f"{refused.group(1)}, which loading with weights_only=True does not run. {trust}"
+        )
+    if weights_only and "Weights only load failed" in text:
+        return CheckpointError(
+            f"checkpoint {str(path)!r} was refused, not loaded: it is corrupted, or it holds "
+            "objects other than tensors and plain containers, which loading with "
+            f"weights_only=True does not run. {trust}"
         )
     return CheckpointError(
         f"checkpoint {str(path)!r} is truncated or corrupted and cannot be loaded "
@@ -159,6 +198,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = None,
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a "
                               "checkpoint dict")
+    _verify(path, obj)
+    obj.pop(DIGEST_KEY, None)
     return obj
 
 
@@ -200,5 +241,5 @@ def has_checkpoint_io(plugins: Any) -> bool:
     return any(isinstance(p, CheckpointIO) for p in items)
 
 
-__all__ = ["AtomicCheckpointIO", "atomic_save", "check_checkpoint", "has_checkpoint_io",
-           "load_checkpoint"]
+__all__ = ["DIGEST_KEY", "AtomicCheckpointIO", "atomic_save", "check_checkpoint", "digest",
+           "has_checkpoint_io", "load_checkpoint"]

@@ -105,6 +105,8 @@ class ILVAECLI(LightningCLI):
                               apply_on="instantiate")
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size",
                               apply_on="instantiate")
+        parser.link_arguments("data.target_shape", "model.init_args.target_shape",
+                              apply_on="instantiate")
         # Always on; `--nonfinite.action=skip` skips non-finite batches instead of stopping.
         parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite")
 
@@ -194,12 +196,13 @@ class ILVAECLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective under DDP: every process must ask
         if trainer.is_global_zero:
             ckpt = trainer.checkpoint_callback
-            print(f"ilvae: run directory: {trainer.log_dir}")
+            print(f"ilvae: run directory: {log_dir}")
             if ckpt is not None and getattr(ckpt, "dirpath", None):
                 print(f"ilvae: checkpoints: {ckpt.dirpath}")
-            print(f"ilvae: view with: tensorboard --logdir {trainer.log_dir}")
+            print(f"ilvae: view with: tensorboard --logdir {log_dir}")
 
 
 def _trainer_defaults() -> dict[str, Any]:

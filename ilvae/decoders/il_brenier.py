@@ -183,7 +183,21 @@ class ILBrenierDecoder(Decoder):
     @property
     def L(self) -> float:
         """Guaranteed inverse-Lipschitz constant L1·L2·s_min of z ↦ f(z)."""
-        return float(self.L1) * float(self.L2) * self.s_min
+        # Reading a buffer on an accelerator is a host synchronisation, and the model logs L
+        # every step: the value is kept on the host and read again only when a buffer was
+        # replaced (``.to``) or written in place (the setter, ``load_state_dict``, ``fill_``),
+        # which the buffers' version counters record.
+        L1, L2 = self.L1, self.L2
+        try:
+            versions = (L1._version, L2._version)
+        except RuntimeError:  # inference tensors have no version counter
+            return float(L1) * float(L2) * self.s_min
+        cached = self.__dict__.get("_L_host")
+        if cached is None or cached[0] is not L1 or cached[1] is not L2 \
+                or cached[2] != versions:
+            cached = (L1, L2, versions, float(L1) * float(L2) * self.s_min)
+            self.__dict__["_L_host"] = cached
+        return cached[3]
 
     @L.setter
     def L(self, value: float) -> None:

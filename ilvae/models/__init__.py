@@ -2,7 +2,8 @@
 
 from ilvae.models.autoencoder import Autoencoder
 from ilvae.models.base import LatentVariableModel
+from ilvae.models.conditional import ConditionalVAE
 from ilvae.models.text import TextVAE
 from ilvae.models.vae import VAE
 
-__all__ = ["VAE", "Autoencoder", "LatentVariableModel", "TextVAE"]
+__all__ = ["VAE", "Autoencoder", "ConditionalVAE", "LatentVariableModel", "TextVAE"]

@@ -7,11 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from ilvae.decoders.base import DecoderCallable
 from ilvae.encoders import EncoderCallable
+from ilvae.errors import ConfigurationError
 from ilvae.models.base import LatentVariableModel, check_number
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import PriorCallable
@@ -38,6 +40,10 @@ class VAE(LatentVariableModel):
         beta: KL weight β ≥ 0.
         free_bits: per-dimension free-bits threshold λ ≥ 0 in nats.
         optimizer, lr_scheduler: LightningCLI callables (default Adam, lr 1e-3).
+        compile: compile the encoder and the decoder with ``torch.compile`` when a Trainer sets
+            the model up (``configure_model``). They are compiled in place
+            (``nn.Module.compile``), so parameter names, checkpoints and the blocks' methods do
+            not change; the first training steps include the compilation.
     """
 
     def __init__(self, data_shape: tuple[int, ...] = (64,), latent_dim: int = 16,
@@ -45,12 +51,22 @@ class VAE(LatentVariableModel):
                  decoder: DecoderCallable | None = None,
                  prior: PriorCallable | None = None, beta: float = 1.0,
                  free_bits: float = 0.0, optimizer: OptimizerCallable | None = None,
-                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
+                 lr_scheduler: LRSchedulerCallable | None = None,
+                 compile: bool = False) -> None:
         super().__init__(data_shape, latent_dim, encoder, decoder, prior, optimizer,
                          lr_scheduler)
         self.beta = check_number("beta", beta)
         self.free_bits = check_number("free_bits", free_bits)
+        if not isinstance(compile, bool):
+            raise ConfigurationError(f"compile={compile!r} is not allowed: expected true or false")
         self._save_blocks(ignore=[])
+
+    def configure_model(self) -> None:
+        # Lightning calls this hook before every fit/validate/test/predict: compile only once.
+        if self.hparams.get("compile", False):
+            for block in (self.encoder, self.decoder):
+                if getattr(block, "_compiled_call_impl", None) is None:
+                    block.compile()
 
     # ----------------------------------------------------------------- maths
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -67,26 +83,57 @@ class VAE(LatentVariableModel):
 
     def _step(self, batch: Any, stage: str) -> Tensor:
         x, _ = self.unpack(batch)
-        if stage == "train":
+        train = stage == "train"
+        if train:
             x = self.decoder.likelihood.prepare(x)
         out = self(x)
         loss, terms = beta_vae_loss(out["log_px"], out["kl"], self.beta, self.free_bits)
-        on_step = stage == "train"
+        batch_size = x.shape[0]
         loss_term = terms.pop("loss")
-        self.log(f"{stage}/loss", loss_term, on_step=on_step, on_epoch=True, prog_bar=True,
-                 batch_size=x.shape[0])
-        self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, on_step=on_step,
-                      on_epoch=True, batch_size=x.shape[0])
+        self.log(f"{stage}/loss", loss_term, on_step=train, on_epoch=True, prog_bar=True,
+                 batch_size=batch_size)
+        self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, on_step=train,
+                      on_epoch=True, batch_size=batch_size)
         with torch.no_grad():
+            target = x.flatten(1)
             mean = self.decoder.likelihood.mean(out["theta"])
-            gamma_star = ((x.flatten(1) - mean) ** 2).mean()
-        self.log(f"{stage}/gamma_star", gamma_star, on_step=False, on_epoch=True,
-                 batch_size=x.shape[0])
-        if stage == "train":
-            self.log("train/beta", float(self.beta), on_step=True, on_epoch=False)
+            dtype = torch.promote_types(mean.dtype, target.dtype)
+            gamma_star = F.mse_loss(mean.to(dtype), target.to(dtype))
+        if train:
+            # Each self.log call costs about as much as a small layer's forward pass, so the
+            # training step logs only what changes every step: γ* is an epoch mean kept on
+            # the device, and β and L are logged when they change (Lightning keeps an on-step
+            # value until the epoch ends, so every logging step still records them).
+            state = self.__dict__
+            state["_gamma_star_sum"] = state.get("_gamma_star_sum", 0) + gamma_star * batch_size
+            state["_gamma_star_count"] = state.get("_gamma_star_count", 0) + batch_size
+            self._log_if_changed("train/beta", float(self.beta))
             if hasattr(self.decoder, "L"):
-                self.log("train/L", float(self.decoder.L), on_step=True, on_epoch=False)
+                self._log_if_changed("train/L", float(self.decoder.L))
+        else:
+            self.log(f"{stage}/gamma_star", gamma_star, on_step=False, on_epoch=True,
+                     batch_size=batch_size)
         return loss
+
+    def _log_if_changed(self, name: str, value: float) -> None:
+        logged = self.__dict__.setdefault("_logged_values", {})
+        if logged.get(name) != value:
+            self.log(name, value, on_step=True, on_epoch=False)
+            logged[name] = value
+        elif self.__dict__.get("_step_terms") is not None:
+            self.__dict__["_step_terms"][name] = value  # the loss guard still sees every term
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning drops on-step values at the end of an epoch: log β and L again.
+        self.__dict__["_logged_values"] = {}
+        self.__dict__.pop("_gamma_star_sum", None)
+        self.__dict__.pop("_gamma_star_count", None)
+
+    def on_train_epoch_end(self) -> None:
+        count = self.__dict__.pop("_gamma_star_count", 0)
+        total = self.__dict__.pop("_gamma_star_sum", None)
+        if count and total is not None:
+            self.log("train/gamma_star", total / count, on_step=False, on_epoch=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train")

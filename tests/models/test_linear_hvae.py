@@ -182,7 +182,7 @@ def test_learnable_sigma_1_loss_is_unbounded_below_when_beta_1_exceeds_beta_2(be
             model.decoder_z1.weight.copy_(torch.eye(2) * omega)
             model.encoder_z2.log_scale.fill_(0.5 * math.log(beta_2 / denom))
             losses.append(float(model.loss(x)[0]))
-    steps = [b - a for a, b in zip(losses, losses[1:])]
+    steps = [losses[i + 1] - losses[i] for i in range(len(losses) - 1)]
     expected = 2 * (beta_2 - beta_1) * math.log(10)  # two latent dimensions
     assert all(math.isclose(s, expected, rel_tol=1e-3) for s in steps)
     assert (losses[-1] < losses[0]) == unbounded
@@ -225,6 +225,11 @@ def test_trained_linear_hvae_matches_the_closed_form_across_the_conditions(setti
 
 # ----------------------------------------------------------------------------------- slow
 # 27 settings on both sides of σ₁² = a₀ and of θ = τ, each at least 5 % from either boundary.
+# Trained in float64: near a boundary the loss gained by the last active z₂ mode is tiny. For
+# β₁ = β₂ = 1, σ₁ = 0.35 (θ = 3 is 5 % above τ = 2.86, predicted ω = 0.320) float32 L-BFGS
+# stops at ω = 0.21 with a loss 7e-4 (5e-5 relative) above the optimum, below what its line
+# search resolves in single precision, and that mode then reads as collapsed (KL < 0.01);
+# in float64 the same run reaches ω = 0.3202.
 WIDE = [(b1, b2, 1.0, 1.0, s1) for b1 in (0.5, 1.0, 2.0) for b2 in (0.5, 1.0, 2.0)
         for s1 in (0.35, 0.8, 1.1)]
 
@@ -233,9 +238,9 @@ WIDE = [(b1, b2, 1.0, 1.0, s1) for b1 in (0.5, 1.0, 2.0) for b2 in (0.5, 1.0, 2.
 @pytest.mark.parametrize("setting", WIDE)
 def test_wide_grid_of_trained_linear_hvaes_matches_the_closed_form(setting):
     b1, b2, ee, ed, s1 = setting
-    x = _data(spectrum=[3.0, 2.2, 1.6, 1.1, 0.8, 0.5, 0.3], data_dim=8)
+    x = _data(spectrum=[3.0, 2.2, 1.6, 1.1, 0.8, 0.5, 0.3], data_dim=8).double()
     model = _train(_model(data_shape=(8,), latent_dim=7, beta_1=b1, beta_2=b2, eta_enc=ee,
-                          eta_dec=ed, sigma_1=s1), x, rounds=12)
+                          eta_dec=ed, sigma_1=s1).double(), x, rounds=12)
     pred = model.theory_prediction(x)
     finite = pred.threshold.isfinite()
     assert ((pred.theta[finite] / pred.threshold[finite] - 1).abs() > 0.05).all()

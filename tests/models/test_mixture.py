@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +23,7 @@ from torch.distributions import (
 from torch.utils.data import DataLoader, TensorDataset
 
 from ilvae.cli import main, run
+from ilvae.datamodules import TwoGaussians
 from ilvae.errors import ConfigurationError
 from ilvae.models.mixture import GaussianMixturePrior, MixtureVAE, mixture_loss
 
@@ -265,3 +267,56 @@ def test_toy_configs_train_one_batch_with_the_configured_constants(name, extra, 
 def test_configs_exist():
     assert {p.name for p in CONFIGS} == {"gmvae_toy.yaml", "il_lidmvae_toy.yaml",
                                          "il_lidmvae_fashion.yaml"}
+
+
+# --------------------------------------------------- toy data, σ = 7.5 (Bayes limit 0.827)
+def _train_toy(L_value: float, seed: int, steps: int) -> dict[str, float]:
+    """L₁ = L₂ = ``L_value`` on the two-Gaussian data, σ = 7.5: Adam 3e-3, batch 256,
+    ``steps`` steps; test-split cluster accuracy and KL(q(c|x) ‖ p(c)) (0: q(c|x) collapsed)."""
+    L.seed_everything(seed, verbose=False)
+    data = TwoGaussians(sigma=7.5, batch_size=256, seed=seed)
+    decoder = {"class_path": "il_brenier", "init_args": {
+        "L": L_value, "hidden": [64, 64], "likelihood": "gaussian", "sigma": 1.0}}
+    model = MixtureVAE(data_shape=(2,), latent_dim=2, num_components=2, L1=L_value,
+                       encoder={"class_path": "ilvae.encoders.MLPEncoder",
+                                "init_args": {"hidden": [64]}},
+                       decoder=decoder, classifier_hidden=[64], mean_hidden=[64],
+                       optimizer=partial(torch.optim.Adam, lr=3e-3))
+    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, data)
+    result = trainer.test(model, data, verbose=False)[0]
+    return {"accuracy": result["test/cluster_accuracy"], "kl_c": result["test/kl_c"],
+            "bayes": data.bayes_accuracy}
+
+
+def test_toy_il_lidmvae_L1_reaches_the_bayes_limit_quickly():
+    """Small version of the study below: with L₁ = L₂ = 1 the split is found in 400 steps."""
+    out = _train_toy(1.0, seed=0, steps=400)
+    assert out["bayes"] == pytest.approx(0.827, abs=5e-4)
+    assert out["accuracy"] >= out["bayes"] - 0.03
+    assert out["kl_c"] > 0.2
+
+
+@pytest.mark.slow
+def test_toy_study_accuracies_of_L0_L1_L5():
+    """Seeds 0–2, 3000 steps each. What this establishes (numbers in the module docstring of
+    ilvae/models/mixture.py): L₁ = L₂ = 1 reaches the Bayes limit on every seed; L₁ = L₂ = 0
+    reaches it on some seeds and collapses q(c|x) to the prior on others; L₁ = L₂ = 5 keeps
+    both components in use but stays far below the Bayes limit, because L₁√2·L₂ = 35 exceeds
+    the distance 14.1 between the data means."""
+    runs = {(L_value, seed): _train_toy(L_value, seed, steps=3000)
+            for L_value in (0.0, 1.0, 5.0) for seed in (0, 1, 2)}
+    for (L_value, seed), out in sorted(runs.items()):
+        print(f"L1=L2={L_value:g} seed={seed}: accuracy {out['accuracy']:.3f} "
+              f"KL(q(c|x)||p(c)) {out['kl_c']:.3f}")
+    bayes = 0.827
+    for seed in (0, 1, 2):
+        assert runs[1.0, seed]["accuracy"] >= bayes - 0.015
+        assert runs[1.0, seed]["kl_c"] > 0.2
+        assert 0.6 <= runs[5.0, seed]["accuracy"] <= bayes - 0.08
+        assert runs[5.0, seed]["kl_c"] > 0.2
+    zero = [runs[0.0, seed] for seed in (0, 1, 2)]
+    assert min(out["kl_c"] for out in zero) < 0.05  # collapsed on at least one seed
+    assert max(out["accuracy"] for out in zero) >= bayes - 0.015

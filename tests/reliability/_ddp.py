@@ -61,8 +61,8 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def _rsample(self: Normal, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-    shape = self._extended_shape(sample_shape)
+def _rsample(self: Normal, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+    shape = self._extended_shape(torch.Size(sample_shape))
     world, rank = _world()
     if len(shape) < 2 or world == 1:
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
@@ -84,6 +84,22 @@ def patch_noise() -> Any:
 def make_data(path: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     torch.save(torch.rand(N, DATA_DIM, generator=generator), path)
+
+
+def _reseed_callback() -> Any:
+    """Seed every process alike when training and stand-alone validation start: Lightning's DDP
+    re-seeds its processes during set-up, a single process is not re-seeded."""
+    import lightning.pytorch as pl
+
+    class Reseed(pl.Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            pl.seed_everything(SEED + 1, verbose=False)
+
+        def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.state.fn == "validate":
+                pl.seed_everything(SEED + 2, verbose=False)
+
+    return Reseed()
 
 
 def build(case: dict[str, Any], data: Path, batch_size: int) -> tuple[Any, Any]:
@@ -109,7 +125,8 @@ def train(name: str, data: Path, mode: str) -> dict[str, Any]:
     ddp = mode == "ddp"
     pl.seed_everything(SEED, verbose=False)
     model, datamodule = build(case, data, PER_PROCESS_BATCH if ddp else 2 * PER_PROCESS_BATCH)
-    callbacks: list[Any] = [NonFiniteLossGuard(action="skip" if case.get("poison") else "stop")]
+    callbacks: list[Any] = [NonFiniteLossGuard(action="skip" if case.get("poison") else "stop"),
+                            _reseed_callback()]
     if case.get("poison"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _faults import PoisonBatch

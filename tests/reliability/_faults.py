@@ -34,16 +34,19 @@ class KillAt(Callback):
     Args:
         step: the global step (optimizer steps done) at which to die.
         moment: ``"batch_end"`` — right after that training step (mid-epoch unless the step ends
-            an epoch); ``"during_save"`` — while writing the first checkpoint saved at or after
-            that step, once half of its bytes are on disk; ``"validation"`` — in the middle of
-            the first validation pass at or after that step.
+            an epoch); ``"during_save"`` — while writing the first checkpoint at or after that
+            step whose file name contains ``target``, once half of its bytes are on disk;
+            ``"validation"`` — in the middle of the first validation pass at or after that step.
         marker: optional file written just before dying (tells the parent where it died).
+        target: see ``"during_save"``.
     """
 
-    def __init__(self, step: int, moment: str = "batch_end", marker: str | None = None) -> None:
+    def __init__(self, step: int, moment: str = "batch_end", marker: str | None = None,
+                 target: str = "last") -> None:
         self.step = step
         self.moment = moment
         self.marker = marker
+        self.target = target
 
     def _mark(self, what: str) -> None:
         if self.marker:
@@ -55,7 +58,7 @@ class KillAt(Callback):
         original = ilvae.checkpointing._write_bytes
 
         def half_then_die(checkpoint: dict[str, Any], file: Any) -> None:
-            if trainer.global_step < self.step:
+            if trainer.global_step < self.step or self.target not in Path(file.name).name:
                 original(checkpoint, file)
                 return
             import io
@@ -111,16 +114,23 @@ def final_state(trainer: pl.Trainer) -> dict[str, Any]:
 
 
 class DumpFinalState(Callback):
-    """Write :func:`final_state` to ``path`` (``torch.save``) when fitting ends."""
+    """Write :func:`final_state` to ``path`` (atomically) when a fit that trained ends."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._trained = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._trained = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            torch.save(final_state(trainer), self.path)
-            Path(self.path).with_suffix(".json").write_text(
-                json.dumps(final_state(trainer)["metrics"]))
+        if trainer.is_global_zero and self._trained:
+            state = final_state(trainer)
+            tmp = Path(self.path).with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+            Path(self.path).with_suffix(".json").write_text(json.dumps(state["metrics"]))
 
 
 if __name__ == "__main__":
