@@ -86,17 +86,21 @@ def summary_table(rows: list[dict[str, Any]], scaling: bool = False) -> str:
 
 
 def scaling_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| decoder | axis | sizes | step time (ms) | peak memory (MiB) | time exponent | "
-             "memory exponent |", "|---|---|---|---|---|---|---|"]
+    lines = ["| decoder | axis | sizes | step time (ms) | activations (MiB) | peak (MiB) | "
+             "time exponent | activation exponent |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["group"] != "scaling":
             continue
+
+        def column(key: str, scale: float, points: list = r["points"]) -> str:
+            return " / ".join(f"{p[key] * scale:.3g}" for p in points)
+
         sizes = " / ".join(str(p["size"]) for p in r["points"])
-        times = " / ".join(f"{p['time_median'] * 1e3:.3g}" for p in r["points"])
-        mems = " / ".join(f"{p['peak_memory_bytes'] / 2**20:.3g}" for p in r["points"])
         flag = "" if r["goal_met"] else " ✗"
-        lines.append(f"| {r['decoder']} | {r['axis']} | {sizes} | {times} | {mems} | "
-                     f"{r['time_exponent']:.2f}{flag} | {r['memory_exponent']:.2f} |")
+        lines.append(f"| {r['decoder']} | {r['axis']} | {sizes} | "
+                     f"{column('time_median', 1e3)} | {column('activation_bytes', 2**-20)} | "
+                     f"{column('peak_memory_bytes', 2**-20)} | {r['time_exponent']:.2f}{flag} | "
+                     f"{r['memory_exponent']:.2f} |")
     return "\n".join(lines)
 
 
@@ -139,9 +143,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "",
         "## Scaling",
         "",
-        "Training-step time and peak tensor memory of a VAE step (encoder, decoder, loss, "
-        "backward, Adam) when one size changes around batch 128, latent 16, data 784. The "
-        "exponent is the slope of log(value) against log(size) (1 = linear).",
+        "Training-step time of a VAE step (encoder, decoder, loss, backward, Adam), the tensor "
+        "memory its forward pass keeps for the backward pass (activations) and the peak tensor "
+        "memory of forward and backward (gradients included), when one size changes around "
+        "batch 128, latent 16, data 784. The exponents are slopes of log(value) against "
+        "log(size) (1 = linear growth).",
         "",
         scaling_table(rows),
         "",

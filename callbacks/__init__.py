@@ -5,6 +5,7 @@ from ilvae.callbacks.collapse_monitor import CollapseMonitor
 from ilvae.callbacks.fid import FID
 from ilvae.callbacks.images import ImageLogger
 from ilvae.callbacks.latent_plot import LatentPlot
+from ilvae.callbacks.linear_theory import LinearTheoryMonitor
 
 __all__ = [
     "InverseLipschitzAnnealing", "KLAnnealing", "TargetKLController",  # annealing
@@ -12,4 +13,5 @@ __all__ = [
     "FID",  # fid
     "ImageLogger",  # images
     "LatentPlot",  # latent_plot
+    "LinearTheoryMonitor",  # linear_theory
 ]

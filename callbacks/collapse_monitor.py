@@ -70,6 +70,11 @@ class CollapseMonitor(L.Callback):
         self.metrics.to(pl_module.device)
         for metric in self.metrics.values():
             metric.reset()
+        # KL-based metrics are measured against the model's own N(0, η² I) prior.
+        scale = getattr(getattr(pl_module, "prior", None), "scale", None)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            for name in ("kl", "epsilon"):
+                self.metrics[name].prior_scale = float(scale)
         self._seen = 0
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,

@@ -4,6 +4,7 @@ from .arrays import ArrayDataModule
 from .base import VAEDataModule
 from .conditional import ConditionalDataModule, LinearConditionalData, MNISTQuarters
 from .images import MNIST, Digits, FashionMNIST
+from .synthetic import LinearGaussianData
 from .text import TextDataModule, Vocabulary
 from .toy import TwoGaussians
 
@@ -14,6 +15,7 @@ __all__ = [
     "Digits",
     "FashionMNIST",
     "LinearConditionalData",
+    "LinearGaussianData",
     "MNISTQuarters",
     "TextDataModule",
     "TwoGaussians",

@@ -239,6 +239,8 @@ _UNKNOWN = (re.compile(r"Expected a path but (.+?) either not accessible or inva
 _EXPECTED = re.compile(r"Expected a <class '(\w+)'>(?:\. Got value: (.+?)(?:\. Got value: |$))?",
                        re.MULTILINE)
 _GIVEN = re.compile(r"^\s*Given value: (.+)$", re.MULTILINE)
+_NOT_ACCEPTED = re.compile(r"Option '(\w+)' is not accepted")
+_CLASS_PATH = re.compile(r"class_path='([\w.]+)'")
 _TYPE_WORDS = {"float": "a finite number", "int": "an integer", "bool": "true or false",
                "str": "a string"}
 
@@ -268,6 +270,21 @@ def _known_names(field: str) -> str:
     return ", ".join(table.get(last, [])) or "a class path"
 
 
+def _options(class_path: str) -> str:
+    """The constructor arguments a user may set on ``class_path`` (sizes are supplied)."""
+    import inspect
+
+    from ilvae._config import import_class
+
+    try:
+        parameters = inspect.signature(import_class(class_path).__init__).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return "see its documentation"
+    supplied = {"self", "latent_dim", "data_dim", "data_shape"}
+    return ", ".join(n for n, p in parameters.items() if n not in supplied
+                     and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)) or "none"
+
+
 def argument_error_line(exc: BaseException) -> str:
     """One line naming the field, the value and what is allowed, from a jsonargparse error."""
     text = str(exc)
@@ -277,6 +294,12 @@ def argument_error_line(exc: BaseException) -> str:
         if match and field:
             return (f"{field}={match.group(1)!r} is unknown; choose one of "
                     f"{_known_names(field)}, or a class path 'package.module.Class'")
+    option = _NOT_ACCEPTED.search(text)
+    if option and field:
+        owner = _CLASS_PATH.search(text)
+        return (f"{field}.{option.group(1)} is not an option"
+                + (f" of {owner.group(1)}; its options: {_options(owner.group(1))}"
+                   if owner else ""))
     expected = [m for m in _EXPECTED.finditer(text) if m.group(1) != "NoneType"]
     if expected and field:
         kind = expected[0].group(1)

@@ -38,7 +38,8 @@ def _train(model: VAE, datamodule, tmp_path, steps: int = 8, **trainer_kwargs) -
     before = {k: v.detach().clone() for k, v in model.decoder.state_dict().items()}
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, **trainer_kwargs)
+                        enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, **trainer_kwargs)
     trainer.fit(model, datamodule)
     assert torch.isfinite(trainer.callback_metrics["train/loss_step"])
     moved = [k for k, v in model.decoder.state_dict().items()

@@ -3,7 +3,9 @@
 from ilvae.models.autoencoder import Autoencoder
 from ilvae.models.base import LatentVariableModel
 from ilvae.models.conditional import ConditionalVAE
+from ilvae.models.linear import LinearHVAE, LinearVAE
 from ilvae.models.text import TextVAE
 from ilvae.models.vae import VAE
 
-__all__ = ["VAE", "Autoencoder", "ConditionalVAE", "LatentVariableModel", "TextVAE"]
+__all__ = ["VAE", "Autoencoder", "ConditionalVAE", "LatentVariableModel", "LinearHVAE",
+           "LinearVAE", "TextVAE"]

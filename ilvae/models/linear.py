@@ -39,7 +39,7 @@ class LinearEncoder(Encoder):
         if std_t.numel() == 1:
             std_t = std_t.expand(latent_dim).clone()
         if std_t.numel() != latent_dim or not bool((std_t > 0).all() & std_t.isfinite().all()):
-            raise ValueError(f"encoder std must be one positive number or {latent_dim} of them, "
+            raise ValueError(f"std must be one positive number or {latent_dim} of them, "
                              f"got {std!r}")
         self.learnable_variance = bool(learnable_variance)
         weight = torch.randn(latent_dim, self.data_dim) / math.sqrt(self.data_dim)
@@ -97,8 +97,18 @@ def _check_flag(field: str, value: Any) -> bool:
     return value
 
 
+def _check_size(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
+            or value <= 0:
+        raise ConfigurationError(f"{field}={value!r} is not allowed: expected a positive "
+                                 "integer")
+    return int(value)
+
+
 class _LinearModel(LatentVariableModel):
     """Shared step, logging and Lightning hooks of the linear models."""
+
+    _logged_weights: tuple[str, ...] = ()
 
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
@@ -125,6 +135,15 @@ class _LinearModel(LatentVariableModel):
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Parameters of q(z|x) (q(z₁|x) for the HVAE), with the label when there is one."""
+        x, y = self.unpack(batch)
+        posterior = self.encode(x)
+        out = {"loc": posterior.loc, "scale": posterior.scale}
+        if y is not None:
+            out["y"] = y
+        return out
 
 
 class LinearVAE(_LinearModel):
@@ -166,12 +185,13 @@ class LinearVAE(_LinearModel):
         eta_enc = check_number("eta_enc", eta_enc, strict=True)
         eta_dec = check_number("eta_dec", eta_dec, strict=True)
         learnable_variance = _check_flag("learnable_variance", learnable_variance)
-        shape = tuple(int(s) for s in data_shape)
+        latent_dim = _check_size("latent_dim", latent_dim)
+        shape = tuple(_check_size("data_shape", s) for s in data_shape)
         try:
             encoder = LinearEncoder(shape, latent_dim, learnable_variance, encoder_std)
-            decoder = LinearDecoder(latent_dim, math.prod(shape), sigma=eta_dec)
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise ConfigurationError(f"encoder_std / latent_dim / data_shape: {exc}") from exc
+            raise ConfigurationError(f"encoder_std={encoder_std!r} is not allowed: {exc}") from exc
+        decoder = LinearDecoder(latent_dim, math.prod(shape), sigma=eta_dec)
         super().__init__(data_shape, latent_dim, encoder, decoder,
                          StandardNormal(latent_dim, scale=eta_enc), optimizer, lr_scheduler)
         self.beta = check_number("beta", beta)
@@ -257,7 +277,7 @@ class LinearHVAE(_LinearModel):
     s₂ is always learned.
 
     ``analytic_expectation=True`` computes every expectation over q in closed form:
-    E‖x − Uz₁‖² = ‖x − Uμ₁‖² + σ₁² ‖U‖²_F, and with R = I − VW₂,
+    E‖x − Uz₁‖² = ‖x − Uμ₁‖² + tr(U S₁ Uᵀ) (S₁ = diag σ₁²), and with R = I − VW₂,
     E‖z₁ − Vz₂‖² = ‖Rμ₁‖² + tr(R S₁ Rᵀ) + tr(V S₂ Vᵀ), E‖W₂z₁‖² = ‖W₂μ₁‖² + tr(W₂ S₁ W₂ᵀ).
     Otherwise z₁ and z₂ are sampled once (KL(q(z₂|z₁) ‖ p(z₂)) stays closed-form given z₁).
 
@@ -291,16 +311,11 @@ class LinearHVAE(_LinearModel):
         eta_dec = check_number("eta_dec", eta_dec, strict=True)
         sigma_1 = check_number("sigma_1", sigma_1, strict=True)
         learnable_sigma_1 = _check_flag("learnable_sigma_1", learnable_sigma_1)
-        d2 = latent_dim if latent_dim_2 is None else latent_dim_2
-        if isinstance(d2, bool) or int(d2) != d2 or d2 <= 0:
-            raise ConfigurationError(f"latent_dim_2={latent_dim_2!r} is not allowed: expected "
-                                     "a positive integer")
-        shape = tuple(int(s) for s in data_shape)
-        try:
-            encoder = LinearEncoder(shape, latent_dim, learnable_sigma_1, sigma_1)
-            decoder = LinearDecoder(latent_dim, math.prod(shape), sigma=eta_dec)
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise ConfigurationError(f"latent_dim / data_shape: {exc}") from exc
+        latent_dim = _check_size("latent_dim", latent_dim)
+        d2 = latent_dim if latent_dim_2 is None else _check_size("latent_dim_2", latent_dim_2)
+        shape = tuple(_check_size("data_shape", s) for s in data_shape)
+        encoder = LinearEncoder(shape, latent_dim, learnable_sigma_1, sigma_1)
+        decoder = LinearDecoder(latent_dim, math.prod(shape), sigma=eta_dec)
         super().__init__(data_shape, latent_dim, encoder, decoder,
                          StandardNormal(int(d2), scale=eta_enc), optimizer, lr_scheduler)
         self.latent_dim_2 = int(d2)
@@ -382,7 +397,12 @@ class LinearHVAE(_LinearModel):
 
     @torch.no_grad()
     def measured_inactive(self, x: Tensor, eps: float = 0.01) -> Tensor:
-        """z₁ dimensions that carry no information about x: ½ E_x[μ₁ᵢ(x)²]/σ₁ᵢ² < ``eps``."""
+        """z₁ dimensions that carry no information about x: ½ E_x[μ₁ᵢ(x)²]/σ₁ᵢ² < ``eps``.
+
+        With a fixed isotropic σ₁ the loss is invariant under rotations of z₁, so only the
+        number of inactive directions is identified: the zero singular values of U
+        (``decoder_singular_values(1)``), as for :meth:`LinearVAE.measured_inactive`.
+        """
         q1 = self.encode(x)
         return 0.5 * (q1.loc.double() ** 2).mean(0) / q1.scale[0].double() ** 2 < eps
 

@@ -21,6 +21,7 @@ the likelihood its data need.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,18 @@ CASES: dict[str, dict[str, Any]] = {
                                                 "init_args": {**HIDDEN, "L": 0.5}}}},
     "vae-mlp-skip": {"model": "ilvae.models.VAE", "poison": [1],
                      "args": {"decoder": {"class_path": "mlp", "init_args": HIDDEN}}},
+    "conditional-mlp": {"model": "ilvae.models.ConditionalVAE", "encoder": False,
+                        "args": {"hidden": [16]},
+                        "data": ("ilvae.datamodules.conditional.LinearConditionalData",
+                                 {"x_dim": 3, "variances": [4.0, 1.0], "num_samples": 64})},
+    "text-il_brenier": {"model": "ilvae.models.TextVAE", "encoder": False,
+                        "args": {"embedding_dim": 8, "hidden_dim": 8, "z_injection": "brenier",
+                                 "L": 0.5, "brenier_hidden": [8], "num_iw_samples": 4,
+                                 "iw_chunk_size": 2},
+                        "data": ("ilvae.datamodules.TextDataModule",
+                                 {"train_path": "configs/text/sample_corpus.txt",
+                                  "max_length": 8, "max_vocab": 30}),
+                        "trainer": {"limit_train_batches": 3, "limit_val_batches": 2}},
 }
 LATENT, DATA_DIM, N, PER_PROCESS_BATCH, EPOCHS, SEED = 3, 10, 64, 8, 2, 11
 
@@ -103,15 +116,22 @@ def _reseed_callback() -> Any:
 
 
 def build(case: dict[str, Any], data: Path, batch_size: int) -> tuple[Any, Any]:
+    """The case's model and datamodule; sizes go from the datamodule to the model as in the
+    CLI (``data_shape``, ``target_shape``, ``vocab_size``)."""
+    import ilvae.datamodules  # noqa: F401
     from ilvae._config import import_class
-    from ilvae.datamodules import ArrayDataModule
 
-    datamodule = ArrayDataModule(path=str(data), batch_size=batch_size, val_fraction=0.25,
-                                 seed=SEED)
-    cls = import_class(case["model"])
-    model = cls(data_shape=datamodule.data_shape, latent_dim=LATENT,
-                encoder={"class_path": "ilvae.encoders.MLPEncoder", "init_args": HIDDEN},
-                **case["args"])
+    data_class, data_args = case.get("data", ("ilvae.datamodules.ArrayDataModule",
+                                              {"path": str(data)}))
+    datamodule = import_class(data_class)(**data_args, batch_size=batch_size,
+                                          val_fraction=0.25, seed=SEED)
+    sizes = {"data_shape": datamodule.data_shape}
+    for name in ("target_shape", "vocab_size"):
+        if hasattr(datamodule, name):
+            sizes[name] = getattr(datamodule, name)
+    if case.get("encoder", True):
+        sizes["encoder"] = {"class_path": "ilvae.encoders.MLPEncoder", "init_args": HIDDEN}
+    model = import_class(case["model"])(latent_dim=LATENT, **sizes, **case["args"])
     return model, datamodule
 
 
@@ -136,17 +156,19 @@ def train(name: str, data: Path, mode: str) -> dict[str, Any]:
                          strategy="ddp" if ddp else "auto", max_epochs=EPOCHS,
                          deterministic=True, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, callbacks=callbacks)
+                         num_sanity_val_steps=0, callbacks=callbacks, **case.get("trainer", {}))
     trainer.fit(model, datamodule=datamodule)
     validated = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "val": {k: float(v) for k, v in validated.items()},
-            "skipped": [s["step"] for s in model.loss_guard.skipped],
+            "skipped": ([s["step"] for s in model.loss_guard.skipped]
+                        if hasattr(model, "loss_guard") else None),
             "global_step": trainer.global_step, "world_size": trainer.world_size}
 
 
 def main(out: str, mode: str) -> None:
     torch.set_num_threads(1)
+    os.chdir(Path(__file__).resolve().parents[2])  # data paths in CASES are repository paths
     out_dir = Path(out)
     data = out_dir / "data.pt"
     patch_noise()

@@ -101,6 +101,54 @@ class PoisonBatch(Callback):
             batch[0].fill_(float("nan"))
 
 
+class NaNBeta(Callback):
+    """Set the KL weight β to NaN for the training steps in ``steps`` (the loss blows up while
+    every network output stays finite)."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+        self._saved: float | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if trainer.global_step in self.steps:
+            self._saved, pl_module.beta = pl_module.beta, float("nan")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._saved is not None:
+            pl_module.beta, self._saved = self._saved, None
+
+
+class AroundStep(Callback):
+    """Save the parameters and the optimiser's state just before and just after training step
+    ``step`` to ``path`` (``torch.save``)."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step = step
+        self.path = path
+        self._before: dict[str, Any] | None = None
+
+    @staticmethod
+    def _snapshot(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        import copy
+
+        return {"params": {k: v.detach().clone() for k, v in pl_module.named_parameters()},
+                "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict())}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            self._before = self._snapshot(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._before is not None:
+            torch.save({"before": self._before, "after": self._snapshot(trainer, pl_module)},
+                       self.path)
+            self._before = None
+
+
 def final_state(trainer: pl.Trainer) -> dict[str, Any]:
     """What the tests compare between runs: logged metrics, step, every tensor of the model."""
     module = trainer.lightning_module

@@ -86,7 +86,7 @@ def test_kill_while_saving_last_keeps_the_previous_last_and_resume_matches_exact
 @pytest.mark.slow
 @pytest.mark.parametrize("step,moment", [
     (STEPS_PER_EPOCH + 1, "batch_end"),       # mid-epoch, after a checkpoint exists
-    (STEPS_PER_EPOCH, "validation"),          # during the epoch-end validation
+    (2 * STEPS_PER_EPOCH, "validation"),      # during epoch 2's end-of-epoch validation
     (3 * STEPS_PER_EPOCH, "during_save"),     # while writing last.ckpt of epoch 3
     (2 * STEPS_PER_EPOCH, "batch_end"),       # after the last step of an epoch, before saving
 ])
