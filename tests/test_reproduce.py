@@ -1,0 +1,95 @@
+"""`ilvae reproduce`: report, results.json and plots are written by the run; nothing is lost;
+the quick studies assert the agreement they report."""
+
+import json
+import sys
+import types
+
+import pytest
+
+from ilvae import reproduce
+from ilvae.cli import main
+
+
+def _fake_study(monkeypatch):
+    module = types.ModuleType("ilvae_fake_study")
+    module.TITLE = "fake"
+
+    def run(ctx):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for beta in (0.5, 2.0):
+            ctx.add_row(model="VAE", beta=beta, active_units=int(4 / beta))
+        ctx.add_table("table", ctx.rows, ["model", "beta", "active_units"])
+        ctx.finding("fewer active units with larger β", ctx.rows[1]["active_units"] <
+                    ctx.rows[0]["active_units"], "8 vs 2")
+        fig, ax = plt.subplots()
+        ax.plot([0, 1])
+        ctx.add_plot(fig, "line", "a line")
+
+    module.run = run
+    monkeypatch.setitem(sys.modules, "ilvae_fake_study", module)
+    monkeypatch.setitem(reproduce.STUDIES, "fake", "ilvae_fake_study")
+
+
+def test_report_results_and_plot_are_written(tmp_path, monkeypatch, capsys):
+    _fake_study(monkeypatch)
+    assert main(["reproduce", "fake", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["active_units"] for r in rows] == [8, 2]
+    assert all(r["size"] == "quick" and r["study"] == "fake" for r in rows)
+    report = (tmp_path / "report.md").read_text()
+    assert "1 of 1 checks agree." in report and "torch" in report and "wall time" in report
+    assert (tmp_path / "line.png").stat().st_size > 0
+    assert "ilvae: report:" in capsys.readouterr().out
+
+
+def test_an_existing_report_is_never_overwritten(tmp_path, monkeypatch, capsys):
+    _fake_study(monkeypatch)
+    (tmp_path / "report.md").write_text("precious")
+    assert main(["reproduce", "fake", "--out", str(tmp_path)]) == 2
+    assert "already holds a report.md" in capsys.readouterr().err
+    assert (tmp_path / "report.md").read_text() == "precious"
+    assert main(["reproduce", "fake", "--out", str(tmp_path), "--force"]) == 0
+    backups = list(tmp_path.glob("report.md.*.bak"))
+    assert len(backups) == 1 and backups[0].read_text() == "precious"
+
+
+def test_unknown_study_is_a_one_line_error(tmp_path, capsys):
+    assert main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
+    assert "study='nope' is unknown" in capsys.readouterr().err
+
+
+def _findings(report: str) -> list[tuple[str, bool]]:
+    lines = report.split("| claim | agrees |")[1].split("\n\n")[0].splitlines()[2:]
+    return [(ln.split(" | ")[0], ln.split(" | ")[1] == "yes") for ln in lines]
+
+
+@pytest.mark.slow
+def test_quick_linear_theory_agrees_with_every_closed_form(tmp_path):
+    ctx = reproduce.run_study("linear-theory", tmp_path, quick=True)
+    report = (tmp_path / "report.md").read_text()
+    findings = _findings(report)
+    assert findings and all(ok for _, ok in findings), findings
+    for row in ctx.rows:
+        if "measured_collapsed" in row:
+            assert row["measured_collapsed"] == row["predicted_collapsed"], row
+            assert row["singular_value_error"] < 0.05, row
+
+
+@pytest.mark.slow
+def test_quick_toy_reports_what_its_rows_show(tmp_path):
+    ctx = reproduce.run_study("toy", tmp_path, quick=True)
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert len(rows) == len(ctx.rows) > 0
+    findings = dict(_findings((tmp_path / "report.md").read_text()))
+    # The inverse-Lipschitz bound is a theorem: it must hold for every trained IL model.
+    bound = [r for r in rows if r["L"] == r["L"] and r["L"] > 0]
+    assert bound and all(r["relative_fisher"] >= r["relative_fisher_bound"] for r in bound)
+    assert any(ok for claim, ok in findings.items() if "Relative Fisher" in claim)
+    # Each reported agreement is what the rows say (no typed numbers).
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.5 <= r["bayes_accuracy"] <= 1.0
