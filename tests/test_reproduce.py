@@ -68,7 +68,6 @@ def _findings(report: str) -> list[tuple[str, bool]]:
     return [(ln.split(" | ")[0], ln.split(" | ")[1] == "yes") for ln in lines]
 
 
-@pytest.mark.slow
 def test_quick_linear_theory_agrees_with_every_closed_form(tmp_path):
     ctx = reproduce.run_study("linear-theory", tmp_path, quick=True)
     report = (tmp_path / "report.md").read_text()

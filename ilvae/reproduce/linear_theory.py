@@ -209,9 +209,32 @@ def run(ctx: StudyContext) -> None:
         ctx.finding(heading, agree == len(rows),
                     f"{agree}/{len(rows)} settings match; worst singular-value error "
                     f"{worst:.2%}")
+    _plot(ctx)
     picture = _sigma_picture(ctx, x)
     ctx.add_table("Fixed vs adaptive decoder variance (closed-form predictions, METHODS §4)",
                   picture, ["model", "sigma", "predicted_collapsed"],
                   note="Fixed σ²: direction j collapses iff λ_j ≤ σ². Adaptive σ² (AR-ELBO, "
                   "maximum likelihood = mean of the discarded eigenvalues) for latent size m. "
                   "Predictions only; the trained counterparts are in the tables above.")
+
+
+def _plot(ctx: StudyContext) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in ctx.rows if "measured_collapsed" in r]
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for theorem in dict.fromkeys(r["theorem"] for r in rows):
+        pts = [(r["predicted_collapsed"], r["measured_collapsed"]) for r in rows
+               if r["theorem"] == theorem]
+        jitter = 0.06 * (len(ax.collections) - 1.5)
+        ax.scatter([p + jitter for p, _ in pts], [m for _, m in pts], label=theorem, s=30)
+    top = max(max(r["predicted_collapsed"], r["measured_collapsed"]) for r in rows) + 0.5
+    ax.plot([-0.5, top], [-0.5, top], "k--", lw=1)
+    ax.set_xlabel("predicted collapsed dimensions (closed form)")
+    ax.set_ylabel("measured collapsed dimensions (trained)")
+    ax.legend(fontsize=7)
+    ctx.add_plot(fig, "linear_theory", "Measured against predicted number of collapsed "
+                 "dimensions for every trained linear model (points on the diagonal agree).")
