@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
 import platform
 import statistics
@@ -152,24 +151,22 @@ class PeakMemory(TorchDispatchMode):
         self.live -= self._sizes.pop(key, 0)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # A view or an in-place result shares its input's storage: not an allocation (this also
+        # keeps views of the parameters, e.g. a transposed weight, out of the count).
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, Tensor) and t.device.type != "meta"}
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 key, size = storage.data_ptr(), storage.nbytes()
-                if size and key not in self._sizes:
+                if size and key not in self._sizes and key not in inputs:
                     self._sizes[key] = size
                     self.live += size
                     self.peak = max(self.peak, self.live)
                     weakref.finalize(storage, self._free, key)
         return out
-
-
-def peak_memory(fn: Callable[[], Any]) -> int:
-    """Peak bytes of tensors allocated by one call of ``fn`` (see :class:`PeakMemory`)."""
-    with PeakMemory() as tracker:
-        fn()
-    return tracker.peak
 
 
 def fit_exponent(sizes: list[float], values: list[float]) -> float:
@@ -257,7 +254,3 @@ def machine(settings: Settings) -> dict[str, Any]:
         "load_average_start": load_average(),
     }
     return info
-
-
-def finite(value: float) -> bool:
-    return value is not None and math.isfinite(value)

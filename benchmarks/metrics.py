@@ -66,7 +66,7 @@ def run(settings: Settings) -> list[dict[str, Any]]:
     from ilvae.metrics import ImportanceWeightedNLL
     from ilvae.models import VAE
 
-    n = settings.pick(256, 10_000)
+    n = settings.pick(128, 10_000)
     repeats = settings.pick(settings.repeats, min(settings.repeats, 3))
     torch.manual_seed(0)
     model = VAE(data_shape=(DIM,), latent_dim=LATENT).eval()

@@ -66,7 +66,7 @@ def run(settings: Settings) -> list[dict[str, Any]]:
             if compile_here:
                 variants["compiled"] = lambda: fit(["--model.compile=true"], "compiled",
                                                    compile_warmup)
-            repeats = settings.pick(1 if compile_here else 2, max(2, settings.repeats - 2))
+            repeats = settings.pick(2, max(2, settings.repeats - 2))
             samples = interleave(variants, repeats, warmup=0)
             unit = "batches/s"
             base = side("float32, eager", samples["fp32"], unit,

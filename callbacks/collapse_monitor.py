@@ -41,7 +41,7 @@ class CollapseMonitor(L.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 1, num_iw_samples: int = 500,
-                 iw_chunk_size: int = 50, eps: float = 0.01, delta: float = 0.01,
+                 iw_chunk_size: int | None = None, eps: float = 0.01, delta: float = 0.01,
                  au_threshold: float = 0.01, max_examples: int | None = 1000,
                  iw_nll: bool = True, relative_fisher: bool = True) -> None:
         if every_n_epochs < 1:

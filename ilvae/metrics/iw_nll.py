@@ -38,6 +38,9 @@ def _eval_mode(model: Any) -> Iterator[None]:
             mod.training = flag
 
 
+_CHUNK_VALUES = 2**21
+
+
 def _repeat(x: Tensor, k: int) -> Tensor:
     """(B, ...) → (k·B, ...), the k copies stacked sample-major."""
     return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
@@ -59,6 +62,9 @@ class ImportanceWeightedNLL(Metric):
     e.g. not binarised again); ``model`` provides ``encode(x) -> Normal``, ``decoder`` (with
     ``log_prob(x, z) -> (B,)``) and ``prior`` (``log_prob(z) -> (B,)``). The whole batch is
     processed at once and the K samples in chunks of ``chunk_size`` (memory ~ chunk_size · B · D).
+    By default (``None``) a chunk holds as many samples as keep its B·k·D likelihood terms near
+    2²¹ values: the likelihood's elementwise passes then run on data that fits the CPU caches,
+    which measured faster than larger chunks.
     The model is switched to evaluation mode for the call (each module's flag is restored
     afterwards), so an adaptive-variance decoder uses its frozen running σ²; no gradients are
     recorded.
@@ -89,13 +95,16 @@ class ImportanceWeightedNLL(Metric):
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, num_samples: int = 500, chunk_size: int = 50, **kwargs: object) -> None:
+    def __init__(self, num_samples: int = 500, chunk_size: int | None = None,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)
         for field, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
+            if value is None and field == "chunk_size":
+                continue
             if int(value) != value or value <= 0:
                 raise ValueError(f"{field} must be a positive integer, got {value}")
         self.num_samples = int(num_samples)
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.add_state("nll_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -104,8 +113,9 @@ class ImportanceWeightedNLL(Metric):
             posterior = model.encode(x)
             batch = x.shape[0]
             log_w = []
-            for start in range(0, self.num_samples, self.chunk_size):
-                k = min(self.chunk_size, self.num_samples - start)
+            chunk = self.chunk_size or max(1, _CHUNK_VALUES // max(1, x[:1].numel() * batch))
+            for start in range(0, self.num_samples, chunk):
+                k = min(chunk, self.num_samples - start)
                 z = posterior.sample((k,))  # (k, B, m)
                 flat = z.reshape(k * batch, -1)
                 log_px = model.decoder.log_prob(_repeat(x, k), flat).reshape(k, batch)
