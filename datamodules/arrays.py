@@ -67,7 +67,13 @@ def _torch_load(path: str, field: str) -> Tensor:
 def _open(path: str, field: str) -> np.ndarray | Tensor:
     """Memory-map (``.npy``) or load (``.pt``) an array without reading a ``.npy`` into memory."""
     if _kind(path, field) == "numpy":
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            # A header that promises more data than the file holds: a truncated copy.
+            raise ValueError(
+                f"{field}={path!r} is truncated or corrupted: {error} (is the file complete?)"
+            ) from None
     return _torch_load(path, field)
 
 

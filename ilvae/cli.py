@@ -163,9 +163,13 @@ class ILVAECLI(LightningCLI):
             datamodule.setup("fit")
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(str(exc)) from exc
-        check = getattr(model, "check_data", None)
-        if callable(check):
-            check(datamodule)
+        # A model with its own on_fit_start checks its data there (and may need other batches).
+        from ilvae.models.base import LatentVariableModel
+
+        if isinstance(model, LatentVariableModel) and (
+                type(model).on_fit_start is LatentVariableModel.on_fit_start
+                or type(model).check_data is not LatentVariableModel.check_data):
+            model.check_data(datamodule)
 
     def before_fit(self) -> None:
         self._preflight()

@@ -1,13 +1,15 @@
 """What a training step does with a NaN or infinite loss: stop the run, or skip the batch.
 
-Every ilvae LightningModule passes its training loss through :class:`LossGuard` (the base class
-wraps ``training_step``). The guard costs one device-side ``isfinite`` per step:
+Every model built on ``LatentVariableModel`` passes its training loss through
+:class:`LossGuard` (the base class wraps ``training_step``). The guard costs one device-side
+``isfinite`` per step:
 
-- ``action="stop"`` (default): the first non-finite step, its epoch and batch index and the loss
-  terms logged in that step are recorded on the device, without a host synchronisation. Every
-  ``check_every_n_steps`` steps, and always before a checkpoint is written or validation
-  starts, the record is read and the run stops with :class:`~ilvae.errors.NonFiniteLossError`
-  (under DDP the record is reduced across processes every step, so all of them stop together).
+- ``action="stop"`` (default): the loss terms logged in the first non-finite step are recorded on
+  the device (its step, epoch and batch index are host integers anyway), without a host
+  synchronisation. Every ``check_every_n_steps`` steps, and always before a checkpoint is
+  written or validation starts, the record is read and the run stops with
+  :class:`~ilvae.errors.NonFiniteLossError` (under DDP the record is reduced across processes
+  every step, so all of them stop together).
   With ``check_every_n_steps=1`` (default) the step raises before its backward pass, so the
   weights in memory are the last finite ones; with a larger value the run stops up to n − 1
   steps later, but nothing is saved after the bad step in either case, so the last checkpoint
@@ -117,7 +119,8 @@ class LossGuard:
 
     # ------------------------------------------------------------------- steps
     def __call__(self, module: Any, output: Any, terms: dict[str, Any], batch_idx: Any) -> Any:
-        """Pass a training step's output through the guard (``None`` skips the batch)."""
+        """Pass a training step's output through the guard: returned as is, replaced by a
+        zero-gradient loss (``skip``), or :class:`NonFiniteLossError` (``stop``)."""
         loss = output.get("loss") if isinstance(output, dict) else output
         trainer = getattr(module, "_trainer", None)
         if not isinstance(loss, Tensor) or trainer is None:

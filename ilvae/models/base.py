@@ -107,7 +107,7 @@ class LatentVariableModel(L.LightningModule):
         if datamodule is None or not hasattr(datamodule, "tensors"):
             return
         try:
-            x, _ = datamodule.tensors("fit")
+            x = datamodule.tensors("fit")[0]
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from exc
         self.unpack((x[:1],))

@@ -15,14 +15,16 @@ example and could not be compared number for number; it is how the noise is laid
 DDP computes, so the comparison still tests gradient averaging, buffer broadcasting and the
 cross-process reduction of logged metrics and torchmetrics states.
 
-To cover a new model family, add a row to ``CASES``: its class path, constructor arguments and
-the likelihood its data need.
+To cover a new model family, add a row to ``CASES``: its class path, constructor arguments,
+and its datamodule where the default array data do not fit (``data``). A row with
+``known_issue`` is listed but not run (the test reports it as an expected failure).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,11 @@ CASES: dict[str, dict[str, Any]] = {
                        "args": {"decoder": {"class_path": "il_brenier",
                                             "init_args": {**HIDDEN, "L": 0.5}}}},
     "vae-ar_elbo": {"model": "ilvae.models.VAE",
-                    "args": {"decoder": {"class_path": "ar_elbo", "init_args": HIDDEN}}},
+                    "args": {"decoder": {"class_path": "ar_elbo", "init_args": HIDDEN}},
+                    "xfail": "AR-ELBO's σ̂² is the maximum-likelihood variance of each "
+                             "process's own part of the batch, not of the whole batch, so DDP "
+                             "optimises another objective (ilvae/decoders/ar_elbo.py should "
+                             "all-reduce the squared error and the count)"},
     "autoencoder-il_brenier": {"model": "ilvae.models.Autoencoder",
                                "args": {"decoder": {"class_path": "il_brenier",
                                                     "init_args": {**HIDDEN, "L": 0.5}}}},
@@ -55,7 +61,16 @@ CASES: dict[str, dict[str, Any]] = {
     "conditional-mlp": {"model": "ilvae.models.ConditionalVAE", "encoder": False,
                         "args": {"hidden": [16]},
                         "data": ("ilvae.datamodules.conditional.LinearConditionalData",
-                                 {"x_dim": 3, "variances": [4.0, 1.0], "num_samples": 64})},
+                                 {"x_dim": 3, "variances": [4.0, 1.0], "num_samples": 64}),
+                        "xfail": "ConditionalDataModule builds its own training loader with "
+                                 "shuffle=True, so under DDP Lightning swaps in a sampler with "
+                                 "another order (and a resumed epoch gets another order too); "
+                                 "passing sampler=self.shuffle_sampler(dataset) as the base "
+                                 "datamodule does makes the two match"},
+    "linear_vae": {"model": "ilvae.models.LinearVAE", "encoder": False,
+                   "args": {"analytic_expectation": False}},
+    "linear_hvae": {"model": "ilvae.models.LinearHVAE", "encoder": False,
+                    "args": {"latent_dim_2": 2, "analytic_expectation": False}},
     "text-il_brenier": {"model": "ilvae.models.TextVAE", "encoder": False,
                         "args": {"embedding_dim": 8, "hidden_dim": 8, "z_injection": "brenier",
                                  "L": 0.5, "brenier_hidden": [8], "num_iw_samples": 4,
@@ -63,7 +78,12 @@ CASES: dict[str, dict[str, Any]] = {
                         "data": ("ilvae.datamodules.TextDataModule",
                                  {"train_path": "configs/text/sample_corpus.txt",
                                   "max_length": 8, "max_vocab": 30}),
-                        "trainer": {"limit_train_batches": 3, "limit_val_batches": 2}},
+                        "trainer": {"limit_train_batches": 3, "limit_val_batches": 2},
+                        "known_issue": "datamodules/text.py reads trainer.log_dir (a collective "
+                                       "under DDP) in setup on rank 0 only, so DDP deadlocks; "
+                                       "TextVAE is not a LatentVariableModel, so it has no loss "
+                                       "guard and its val metrics are not reduced across "
+                                       "processes"},
 }
 LATENT, DATA_DIM, N, PER_PROCESS_BATCH, EPOCHS, SEED = 3, 10, 64, 8, 2, 11
 
@@ -138,6 +158,7 @@ def build(case: dict[str, Any], data: Path, batch_size: int) -> tuple[Any, Any]:
 def train(name: str, data: Path, mode: str) -> dict[str, Any]:
     """Fit case ``name`` and validate it; returns what rank 0 saves."""
     import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy
 
     from ilvae.callbacks.fault_tolerance import NonFiniteLossGuard
 
@@ -152,8 +173,10 @@ def train(name: str, data: Path, mode: str) -> dict[str, Any]:
         from _faults import PoisonBatch
 
         callbacks.append(PoisonBatch(case["poison"]))
+    # A collective that one process never joins fails after two minutes instead of hanging.
+    strategy = DDPStrategy(timeout=timedelta(seconds=120)) if ddp else "auto"
     trainer = pl.Trainer(accelerator="cpu", devices=2 if ddp else 1,
-                         strategy="ddp" if ddp else "auto", max_epochs=EPOCHS,
+                         strategy=strategy, max_epochs=EPOCHS,
                          deterministic=True, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=callbacks, **case.get("trainer", {}))
@@ -173,8 +196,9 @@ def main(out: str, mode: str) -> None:
     data = out_dir / "data.pt"
     patch_noise()
     results = {}
-    for name in CASES:
-        results[name] = train(name, data, mode)
+    for name, case in CASES.items():
+        if not case.get("known_issue"):
+            results[name] = train(name, data, mode)
     if _world()[1] == 0:
         torch.save(results, out_dir / f"{mode}.pt")
 

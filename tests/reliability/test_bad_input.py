@@ -94,6 +94,10 @@ def _data_case(tmp_path: Path, kind: str) -> tuple[list[str], list[str]]:
         np.save(npy, rng.random((40, 10)).astype(np.float32))
         npy.write_bytes(npy.read_bytes()[:60])
         return [f"--data.path={npy}"], [f"path='{npy}'", "not a valid .npy file"]
+    if kind == "truncated_npy_data":
+        np.save(npy, rng.random((40, 10)).astype(np.float32))
+        npy.write_bytes(npy.read_bytes()[:500])  # header intact, data cut short
+        return [f"--data.path={npy}"], [f"path='{npy}' is truncated or corrupted"]
     if kind == "corrupted_pt":
         pt = tmp_path / "bad.pt"
         torch.save(torch.rand(40, 10), pt)
@@ -109,7 +113,7 @@ def _data_case(tmp_path: Path, kind: str) -> tuple[list[str], list[str]]:
 
 @pytest.mark.parametrize("kind", [
     "bernoulli_outside_0_1", "categorical_rows_not_one_hot", "nan_values", "empty_file",
-    "corrupted_npy", "corrupted_pt", "zero_rows", "missing_file"])
+    "corrupted_npy", "truncated_npy_data", "corrupted_pt", "zero_rows", "missing_file"])
 def test_bad_data_is_one_line_before_anything_is_written(tmp_path, capsys, kind):
     args, expected = _data_case(tmp_path, kind)
     root = tmp_path / "root"

@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,16 +114,28 @@ def test_repeated_sigkill_at_random_times_then_resume_until_done_matches_exactly
     config = write_config(tmp_path, "    - class_path: _faults.DumpFinalState\n"
                                     f"      init_args: {{path: '{final}'}}\n")
     root = tmp_path / "runs"
-    kills = 0
-    for _attempt in range(15):
-        resume = ["--ckpt_path=last"] if list(root.rglob("last*.ckpt")) else []
-        child = subprocess.Popen(
+
+    def start(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, str(FAULTS), "fit", "--config", str(config),
-             f"--trainer.default_root_dir={root}", *resume],
+             f"--trainer.default_root_dir={root}", *extra],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        # Start-up (imports) takes most of a child's life: aim past it most of the time.
+
+    # How long a whole run takes on this machine now (its work is redone below).
+    began = time.monotonic()
+    calibration = start("--trainer.default_root_dir=" + str(tmp_path / "calibration"))
+    assert calibration.wait(timeout=600) == 0, calibration.stderr.read()[-3000:]
+    duration = time.monotonic() - began
+    final.unlink()
+
+    kills = 0
+    for attempt in range(20):
+        resume = ["--ckpt_path=last"] if list(root.rglob("last*.ckpt")) else []
+        child = start(*resume)
+        # The first three kills land before even a resumed run could finish.
+        latest = 0.6 if attempt < 3 else 1.0
         try:
-            child.wait(timeout=rng.uniform(2.0, 30.0))
+            child.wait(timeout=rng.uniform(0.2, latest) * duration)
         except subprocess.TimeoutExpired:
             child.send_signal(signal.SIGKILL)
             child.wait()
@@ -134,7 +147,7 @@ def test_repeated_sigkill_at_random_times_then_resume_until_done_matches_exactly
         break
     else:
         pytest.fail("the run never finished")
-    assert kills >= 1
+    assert kills >= 3
     newest = max(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     last = load_checkpoint(newest)
     assert last["global_step"] == reference["global_step"]
@@ -142,3 +155,33 @@ def test_repeated_sigkill_at_random_times_then_resume_until_done_matches_exactly
         assert torch.equal(last["state_dict"][name], tensor), name
     if final.exists():  # metrics too, when the last step ran in a process that then finished
         _assert_same_final_state(torch.load(final), reference)
+
+
+@pytest.mark.slow
+def test_ddp_run_killed_mid_epoch_resumes_to_the_uninterrupted_ddp_result(tmp_path):
+    """Two CPU processes (gloo), both killed after step 4; the resumed DDP run ends where the
+    uninterrupted DDP run ends."""
+    ddp = ["--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--trainer.devices=2",
+           "--data.batch_size=8"]
+
+    def dump(name: str) -> str:
+        return ("    - class_path: _faults.DumpFinalState\n"
+                f"      init_args: {{path: '{tmp_path / name}'}}\n")
+
+    reference = run_child(["fit", "--config", str(write_config(tmp_path, dump("ref.pt"),
+                                                              name="ref.yaml")),
+                           f"--trainer.default_root_dir={tmp_path / 'ref'}", *ddp])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    marker = tmp_path / "died.txt"
+    killed = write_config(tmp_path, kill_callback(STEPS_PER_EPOCH + 1, "batch_end", marker),
+                          name="killed.yaml")
+    child = run_child(["fit", "--config", str(killed),
+                       f"--trainer.default_root_dir={tmp_path / 'runs'}", *ddp])
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    resumed = run_child(["fit", "--config", str(write_config(tmp_path, dump("resumed.pt"),
+                                                            name="resume.yaml")),
+                         f"--trainer.default_root_dir={tmp_path / 'runs'}", "--ckpt_path=last",
+                         *ddp])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_final_state(torch.load(tmp_path / "resumed.pt"),
+                             torch.load(tmp_path / "ref.pt"))

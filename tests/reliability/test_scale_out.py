@@ -20,10 +20,6 @@ import ilvae.models
 from ilvae.datamodules import ArrayDataModule
 from ilvae.models import VAE
 
-AR_ELBO_DDP = ("AR-ELBO's σ̂² is the maximum-likelihood variance of each process's own half of "
-               "the batch, not of the whole batch, so DDP optimises a different objective "
-               "(ilvae/decoders/ar_elbo.py must all-reduce the squared error)")
-
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> tuple[dict, dict]:
@@ -35,8 +31,9 @@ def results(tmp_path_factory) -> tuple[dict, dict]:
                              text=True)
     original = _ddp.patch_noise()  # the single-process reference, meanwhile, in this process
     try:
-        single = {name: _ddp.train(name, out / "data.pt", "single") for name in _ddp.CASES}
-        _, err = child.communicate(timeout=900)
+        single = {name: _ddp.train(name, out / "data.pt", "single")
+                  for name, case in _ddp.CASES.items() if not case.get("known_issue")}
+        _, err = child.communicate(timeout=600)
     finally:
         Normal.rsample = original
         if child.poll() is None:
@@ -46,9 +43,19 @@ def results(tmp_path_factory) -> tuple[dict, dict]:
     return single, torch.load(out / "ddp.pt")
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=AR_ELBO_DDP))
-    if "ar_elbo" in n else n for n in _ddp.CASES])
+def _cases(names):
+    for name in names:
+        case = _ddp.CASES[name]
+        if case.get("known_issue"):
+            yield pytest.param(name, marks=pytest.mark.xfail(run=False,
+                                                             reason=case["known_issue"]))
+        elif case.get("xfail"):
+            yield pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=case["xfail"]))
+        else:
+            yield name
+
+
+@pytest.mark.parametrize("name", _cases(_ddp.CASES))
 def test_ddp_on_two_processes_matches_one_process(results, name):
     single, ddp = results[0][name], results[1][name]
     assert ddp["world_size"] == 2 and single["world_size"] == 1
@@ -75,7 +82,7 @@ def _inverse_lipschitz_ratio(decoder, n: int = 4000) -> float:
     return float((gap / (z - w).norm(dim=-1)).min())
 
 
-@pytest.mark.parametrize("name", [n for n in _ddp.CASES if "il_brenier" in n])
+@pytest.mark.parametrize("name", _cases(n for n in _ddp.CASES if "il_brenier" in n))
 def test_inverse_lipschitz_property_holds_on_ddp_trained_weights(results, name, tmp_path):
     case = _ddp.CASES[name]
     _ddp.make_data(tmp_path / "data.pt")
