@@ -2,6 +2,7 @@
 
 from ilvae.callbacks.annealing import InverseLipschitzAnnealing, KLAnnealing, TargetKLController
 from ilvae.callbacks.collapse_monitor import CollapseMonitor
+from ilvae.callbacks.fault_tolerance import NonFiniteLossGuard, RandomStateCheckpoint
 from ilvae.callbacks.fid import FID
 from ilvae.callbacks.images import ImageLogger
 from ilvae.callbacks.latent_plot import LatentPlot
@@ -10,6 +11,7 @@ from ilvae.callbacks.linear_theory import LinearTheoryMonitor
 __all__ = [
     "InverseLipschitzAnnealing", "KLAnnealing", "TargetKLController",  # annealing
     "CollapseMonitor",  # collapse_monitor
+    "NonFiniteLossGuard", "RandomStateCheckpoint",  # fault_tolerance
     "FID",  # fid
     "ImageLogger",  # images
     "LatentPlot",  # latent_plot

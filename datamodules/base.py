@@ -8,9 +8,10 @@ deterministically in ``seed`` and serves batches ``(x, y)``: ``x`` float32 ``(B,
 ``y`` int64 ``(B,)``, ``-1`` where the data have no labels.
 
 Batches are built by indexing the whole tensor once per batch (``InMemoryDataset.__getitems__``)
-instead of per-example ``__getitem__`` plus collate, while the loaders keep the ordinary
-``DataLoader(dataset, batch_size=..., shuffle=...)`` form so Lightning can still swap in its
-``DistributedSampler`` for multi-process training.
+instead of per-example ``__getitem__`` plus collate. The training order comes from
+:class:`EpochShuffleSampler`: a function of ``(seed, epoch)`` split over the trainer's processes,
+so a resumed epoch and a multi-process run see the batches of the uninterrupted single-process
+run (Lightning keeps it under DDP, since it is a ``DistributedSampler``).
 """
 
 from __future__ import annotations

@@ -178,6 +178,7 @@ def train(name: str, data: Path, mode: str) -> dict[str, Any]:
     trainer = pl.Trainer(accelerator="cpu", devices=2 if ddp else 1,
                          strategy=strategy, max_epochs=EPOCHS,
                          deterministic=True, logger=False, enable_checkpointing=False,
+                         default_root_dir=str(data.parent),
                          enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=callbacks, **case.get("trainer", {}))
     trainer.fit(model, datamodule=datamodule)

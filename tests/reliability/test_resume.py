@@ -128,8 +128,8 @@ def test_repeated_sigkill_at_random_times_then_resume_until_done_matches_exactly
     duration = time.monotonic() - began
     final.unlink()
 
-    kills = 0
-    for attempt in range(20):
+    kills, finished = 0, False
+    for attempt in range(6):
         resume = ["--ckpt_path=last"] if list(root.rglob("last*.ckpt")) else []
         child = start(*resume)
         # The first three kills land before even a resumed run could finish.
@@ -141,12 +141,16 @@ def test_repeated_sigkill_at_random_times_then_resume_until_done_matches_exactly
             child.wait()
             kills += 1
             if final.exists():  # killed after the last step's work was done
+                finished = True
                 break
             continue
         assert child.returncode == 0, child.stderr.read()[-3000:]
+        finished = True
         break
-    else:
-        pytest.fail("the run never finished")
+    if not finished:  # then let one resume run to the end
+        resume = ["--ckpt_path=last"] if list(root.rglob("last*.ckpt")) else []
+        child = start(*resume)
+        assert child.wait(timeout=600) == 0, child.stderr.read()[-3000:]
     assert kills >= 3
     newest = max(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     last = load_checkpoint(newest)
