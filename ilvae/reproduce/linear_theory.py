@@ -26,30 +26,12 @@ import math
 import torch
 
 from ilvae import theory
+from ilvae.models.linear import fit_full_batch
 from ilvae.reproduce.common import StudyContext
 
 TITLE = "Linear theory: predicted vs measured collapse in linear VAEs, CVAEs and HVAEs"
 
 SPECTRUM = [3.0, 2.0, 1.2, 0.5, 0.25]
-
-
-def _lbfgs(model, x, rounds: int = 8) -> None:
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=100, history_size=30,
-                            tolerance_grad=1e-9, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss, _ = model.loss(x)
-        loss.backward()
-        return loss
-
-    previous = math.inf
-    for _ in range(rounds):
-        loss = float(opt.step(closure).detach())
-        if abs(previous - loss) < 1e-7 * abs(loss):
-            break
-        previous = loss
 
 
 def _sv_error(measured: torch.Tensor, predicted: torch.Tensor) -> float:
@@ -70,7 +52,7 @@ def _linear_vae(ctx: StudyContext, x: torch.Tensor) -> list[dict]:
         torch.manual_seed(ctx.seed)
         model = LinearVAE(data_shape=(x.shape[1],), latent_dim=len(SPECTRUM), beta=beta,
                           eta_dec=eta_dec)
-        _lbfgs(model, x)
+        fit_full_batch(model, x)
         pred = model.theory_prediction(x)
         measured = int(model.measured_collapse(x).sum())
         rows.append(ctx.add_row(theorem="linear VAE (learnable variance)", model="LinearVAE",
@@ -90,7 +72,7 @@ def _fixed_variance(ctx: StudyContext, x: torch.Tensor) -> list[dict]:
         torch.manual_seed(ctx.seed)
         model = LinearVAE(data_shape=(x.shape[1],), latent_dim=len(SPECTRUM),
                           learnable_variance=False, encoder_std=std)
-        _lbfgs(model, x)
+        fit_full_batch(model, x)
         pred = model.theory_prediction(x)
         omega = model.decoder_singular_values()
         # One fixed std for every dimension makes the loss rotation invariant in z: only the
@@ -167,7 +149,7 @@ def _hvae(ctx: StudyContext, x: torch.Tensor) -> list[dict]:
         torch.manual_seed(ctx.seed)
         model = LinearHVAE(data_shape=(x.shape[1],), latent_dim=len(SPECTRUM), beta_1=b1,
                            beta_2=b2, sigma_1=s1)
-        _lbfgs(model, x)
+        fit_full_batch(model, x)
         pred = model.theory_prediction(x)
         rows.append(ctx.add_row(
             theorem="linear HVAE (z₂)", model="LinearHVAE", beta_1=b1, beta_2=b2, sigma_1=s1,

@@ -14,7 +14,7 @@ from torch.distributions import Normal, kl_divergence
 from ilvae import theory
 from ilvae.datamodules.synthetic import LinearGaussianData
 from ilvae.errors import ConfigurationError
-from ilvae.models.linear import LinearVAE
+from ilvae.models.linear import LinearVAE, fit_full_batch
 
 torch.set_num_threads(1)
 
@@ -28,24 +28,7 @@ def _data(spectrum=SPECTRUM, data_dim=6, num_samples=1000, seed=0):
 
 
 def _train(model, x, rounds=6):
-    """Full-batch L-BFGS on the model's own loss until it stops changing."""
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=100, history_size=30,
-                            tolerance_grad=1e-9, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss, _ = model.loss(x)
-        loss.backward()
-        return loss
-
-    previous = math.inf
-    for _ in range(rounds):
-        loss = float(opt.step(closure).detach())
-        if abs(previous - loss) < 1e-7 * abs(loss):
-            break
-        previous = loss
-    return model
+    return fit_full_batch(model, x, rounds)
 
 
 def _model(seed=0, **kw):
