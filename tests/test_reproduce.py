@@ -73,6 +73,10 @@ def test_quick_linear_theory_agrees_with_every_closed_form(tmp_path):
     report = (tmp_path / "report.md").read_text()
     findings = _findings(report)
     assert findings and all(ok for _, ok in findings), findings
+    # The full size's expected time is computed from this run's timings, not typed.
+    seconds, how = ctx.full_size_time
+    assert seconds > 0 and "measured" in how
+    assert "Expected wall time of the full size on this machine" in report
     for row in ctx.rows:
         if "measured_collapsed" in row:
             assert row["measured_collapsed"] == row["predicted_collapsed"], row
@@ -92,3 +96,20 @@ def test_quick_toy_reports_what_its_rows_show(tmp_path):
     # Each reported agreement is what the rows say (no typed numbers).
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.5 <= r["bayes_accuracy"] <= 1.0
+    assert (tmp_path / "toy_posterior.png").stat().st_size > 0
+    # 16 quick runs of 1000 steps were timed; the full size (60 runs × 3000 steps) is longer.
+    assert len(ctx.timings) == 16 and all(n == 1000 for _, _, n in ctx.timings)
+    assert ctx.full_size_time[0] > sum(t for _, t, _ in ctx.timings)
+
+
+@pytest.mark.slow
+def test_quick_images_reports_mixture_clustering_and_per_class_samples(tmp_path):
+    ctx = reproduce.run_study("images", tmp_path, quick=True)
+    mixtures = [r for r in ctx.rows if r.get("family") == "mixture"]
+    assert {r["model"] for r in mixtures} >= {"GMVAE", "LIDMVAE"}
+    # Hungarian-matched accuracy is at least chance for 10 classes and the ELBO ≤ 0 nats.
+    assert all(0.1 <= r["cluster_accuracy"] <= 1.0 and r["elbo"] < 0 for r in mixtures)
+    assert (tmp_path / "per_class_digits.png").stat().st_size > 0
+    assert (tmp_path / "samples_digits.png").stat().st_size > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "mixture models with c = 10 components" in report

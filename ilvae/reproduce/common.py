@@ -48,6 +48,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -70,6 +78,10 @@ class StudyContext:
     sections: list[str] = field(default_factory=list)
     findings: list[tuple[str, bool, str]] = field(default_factory=list)
     configs: list[str] = field(default_factory=list)
+    #: (run name, seconds, optimisation steps) of every training run, recorded by :func:`fit`.
+    timings: list[tuple[str, float, int]] = field(default_factory=list)
+    #: (seconds, how it was computed): the expected wall time of the full size, from this run.
+    full_size_time: tuple[float, str] | None = None
 
     # ------------------------------------------------------------------ life
     def __enter__(self) -> StudyContext:
@@ -122,6 +134,16 @@ class StudyContext:
         """A statement of agreement or disagreement with a paper's claim or a closed form."""
         self.findings.append((claim, bool(agrees), evidence))
 
+    def seconds_per_step(self) -> float:
+        """Training seconds per optimisation step over every run so far (measured here)."""
+        seconds = sum(t for _, t, _ in self.timings)
+        steps = sum(n for _, _, n in self.timings)
+        return seconds / steps if steps else math.nan
+
+    def expect_full_size(self, seconds: float, how: str) -> None:
+        """Record the expected wall time of the full size, computed from this run's timings."""
+        self.full_size_time = (float(seconds), how)
+
     def run_dir(self, name: str) -> Path:
         return self.out / "runs" / name
 
@@ -134,8 +156,12 @@ class StudyContext:
         agree = sum(a for _, a, _ in self.findings)
         lines = [f"# {self.title}", "",
                  f"Size: **{self.size}**; seed {self.seed}; wall time {wall / 60:.1f} min.", "",
-                 f"Command: `{command}`", "",
-                 "## Summary: agreement with the papers and closed forms", ""]
+                 f"Command: `{command}`", ""]
+        if self.full_size_time is not None:
+            seconds, how = self.full_size_time
+            lines += [f"Expected wall time of the full size on this machine: "
+                      f"**{_duration(seconds)}** ({how}).", ""]
+        lines += ["## Summary: agreement with the papers and closed forms", ""]
         if self.findings:
             lines.append(f"{agree} of {len(self.findings)} checks agree.")
             lines.append("")
@@ -179,8 +205,9 @@ def fit(ctx: StudyContext, name: str, model: L.LightningModule, datamodule: Any,
     tr = trainer(ctx, name, **trainer_kwargs)
     start = time.time()
     tr.fit(model, datamodule)
-    epochs = max(tr.current_epoch, 1)
-    return (time.time() - start) / epochs
+    seconds = time.time() - start
+    ctx.timings.append((name, seconds, int(tr.global_step)))
+    return seconds / max(tr.current_epoch, 1)
 
 
 @torch.no_grad()

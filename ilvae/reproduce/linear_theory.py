@@ -22,6 +22,7 @@ error over dimensions predicted active.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -166,21 +167,34 @@ def run(ctx: StudyContext) -> None:
     dm = LinearGaussianData(spectrum=SPECTRUM, data_dim=6, num_samples=1000,
                             exact_spectrum=True, val_fraction=0.0, seed=ctx.seed)
     x = dm.tensors("fit")[0]
+    full_sizes = {"vae": 13, "fixed": 3, "cvae": 8, "hvae": 18}  # settings of the full grids
+    timed: dict[str, tuple[float, int]] = {}
+
+    def timed_rows(key: str, make, *args) -> list[dict]:
+        start = time.time()
+        rows = make(ctx, *args)
+        timed[key] = (time.time() - start, len(rows))
+        return rows
+
     sections = [
         ("Linear VAE, learnable encoder variance: collapse iff θ_i < √β·η_dec",
-         _linear_vae(ctx, x), ["beta", "eta_dec", "predicted_collapsed", "measured_collapsed",
-                               "singular_value_error"]),
+         timed_rows("vae", _linear_vae, x),
+         ["beta", "eta_dec", "predicted_collapsed", "measured_collapsed",
+          "singular_value_error"]),
         ("Linear VAE, fixed encoder variance: inactive iff θ_i ≤ √β(η_dec/η_enc)σ_i, never "
-         "strictly collapsed", _fixed_variance(ctx, x),
+         "strictly collapsed", timed_rows("fixed", _fixed_variance, x),
          ["encoder_std", "predicted_inactive", "measured_inactive", "predicted_collapsed",
           "measured_collapsed", "singular_value_error"]),
-        ("Linear CVAE: collapse iff θ_i(E) < β·η_dec²", _cvae(ctx),
+        ("Linear CVAE: collapse iff θ_i(E) < β·η_dec²", timed_rows("cvae", _cvae),
          ["correlation", "beta", "predicted_collapsed", "measured_collapsed",
           "singular_value_error"]),
-        ("Linear two-level HVAE: collapse of z₂", _hvae(ctx, x),
+        ("Linear two-level HVAE: collapse of z₂", timed_rows("hvae", _hvae, x),
          ["beta_1", "beta_2", "sigma_1", "predicted_collapsed", "measured_collapsed",
           "singular_value_error"]),
     ]
+    ctx.expect_full_size(sum(sec / n * full_sizes[k] for k, (sec, n) in timed.items()),
+                         "measured seconds per trained setting of each theorem here × the "
+                         f"{sum(full_sizes.values())} settings of the full grids")
     for heading, rows, cols in sections:
         agree = sum(r["predicted_collapsed"] == r["measured_collapsed"] and
                     r.get("predicted_inactive") == r.get("measured_inactive") for r in rows)

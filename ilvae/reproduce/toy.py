@@ -78,6 +78,7 @@ def run(ctx: StudyContext) -> None:
     n = 10000
     # Adam 3e-3, batch 256: the settings measured to converge on this data (models/mixture.py).
     steps = 1000 if ctx.quick else 3000
+    scatter: dict[tuple[str, float], tuple] = {}  # posterior means at the largest σ, for plots
     for sigma in sigmas:
         dm = TwoGaussians(sigma=sigma, num_samples=n, batch_size=256, seed=ctx.seed)
         dm.setup("fit")
@@ -101,13 +102,33 @@ def run(ctx: StudyContext) -> None:
                 acc = _cluster_accuracy(model, x_test, y_test)
             else:
                 acc = _posterior_accuracy(model, x_train, y_train, x_test, y_test)
+            if sigma == max(sigmas):
+                with torch.no_grad():
+                    loc = model.encode(x_test[:2000]).loc
+                scatter[(name, L)] = (loc.numpy(), y_test[:2000].numpy(), acc)
             ctx.add_row(model=name, family=family, sigma=sigma, L=L,
                         accuracy=acc, bayes_accuracy=dm.bayes_accuracy,
                         relative_fisher=metrics["relative_fisher"],
                         relative_fisher_bound=metrics["relative_fisher_bound"],
                         kl=metrics["kl"], active_units=metrics["active_units"],
                         mutual_info=metrics["mutual_info"], seconds_per_epoch=sec)
+    _full_size(ctx, steps)
     _report(ctx, sigmas, L_grid)
+    _scatter(ctx, scatter, max(sigmas))
+
+
+def _full_size(ctx: StudyContext, steps: int) -> None:
+    """Expected full-size time: each model kind's measured seconds per step × its full steps."""
+    per_step: dict[str, list[float]] = {}
+    for run_name, seconds, n in ctx.timings:
+        per_step.setdefault(run_name.split("_")[1], []).append(seconds / max(n, 1))
+    mean = {k: sum(v) / len(v) for k, v in per_step.items()}
+    full_L = [0.0, 0.5, 1.0, 2.0, 5.0]
+    full_runs = [name for _, name, _, _ in _models(full_L)] * 5  # five σ values
+    ctx.expect_full_size(sum(mean.get(name, max(mean.values())) * 3000 for name in full_runs),
+                         f"{len(full_runs)} runs of 3,000 steps at each model's seconds per "
+                         f"step measured here ({ctx.seconds_per_step() * 1e3:.1f} ms on average),"
+                         " training only")
 
 
 def _report(ctx: StudyContext, sigmas: list[float], L_grid: list[float]) -> None:
@@ -192,3 +213,35 @@ def _plots(ctx: StudyContext, sigmas: list[float], L_grid: list[float]) -> None:
     fig.tight_layout()
     ctx.add_plot(fig, "toy", "Left: posterior accuracy against σ with the Bayes limit. Right: "
                  "relative Fisher divergence of (IL-)LIDVAE against L with the m·L²/σ² bound.")
+
+
+def _scatter(ctx: StudyContext, scatter: dict, sigma: float) -> None:
+    """Posterior means E_q[z|x] of test points coloured by their true component, one panel per
+    model (the style of the IL paper's toy figures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = [[k for k in scatter if k[0] in ("GMVAE", "LIDMVAE", "IL-LIDMVAE")],
+                [k for k in scatter if k[0] in ("VAE", "LIDVAE", "IL-LIDVAE")]]
+    cols = max(len(f) for f in families)
+    fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 5.4), squeeze=False)
+    for r, keys in enumerate(families):
+        for c in range(cols):
+            ax = axes[r][c]
+            if c >= len(keys):
+                ax.axis("off")
+                continue
+            name, L = keys[c]
+            loc, label, acc = scatter[keys[c]]
+            for k, colour in ((0, "tab:blue"), (1, "tab:orange")):
+                pts = loc[label == k]
+                ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4, c=colour)
+            title = name if math.isnan(L) else f"{name} L={L:g}"
+            ax.set_title(f"{title}\nacc {acc:.3f}", fontsize=8)
+            ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    ctx.add_plot(fig, "toy_posterior", f"Posterior means E_q[z|x] of 2,000 test points at "
+                 f"σ = {sigma:g}, coloured by the true component (top: mixture models, bottom: "
+                 "VAE models). A collapsed posterior puts both colours on one blob.")
