@@ -113,3 +113,24 @@ def test_quick_images_reports_mixture_clustering_and_per_class_samples(tmp_path)
     assert (tmp_path / "samples_digits.png").stat().st_size > 0
     report = (tmp_path / "report.md").read_text()
     assert "mixture models with c = 10 components" in report
+
+
+def test_readme_blocks_are_copied_from_the_reports(tmp_path, monkeypatch):
+    from ilvae.reproduce import readme
+
+    _fake_study(monkeypatch)
+    ctx = reproduce.run_study("fake", tmp_path / "fake", quick=True)
+    ctx.finding("a claim that fails", False, "measured")  # a second report with a disagreement
+    ctx.expect_full_size(5400.0, "measured")
+    ctx.write()
+    readme_file = tmp_path / "README.md"
+    readme_file.write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\n"
+                           "<!-- studies:begin -->\nold\n<!-- studies:end -->\nend\n")
+    monkeypatch.chdir(tmp_path)
+    assert readme.main([str(tmp_path / "fake"), "--studies", str(tmp_path / "fake"),
+                        "--readme", str(readme_file)]) == 0
+    text = readme_file.read_text()
+    assert "old" not in text and text.startswith("intro") and text.endswith("end\n")
+    assert "1 of 2 checks agree." in text
+    assert "| `fake` | quick | 1/2 |" in text and "| 90 min | a claim that fails |" in text
+    assert (tmp_path / "docs" / "line.png").exists()

@@ -210,6 +210,28 @@ def fit(ctx: StudyContext, name: str, model: L.LightningModule, datamodule: Any,
     return seconds / max(tr.current_epoch, 1)
 
 
+def step_seconds(model: L.LightningModule, datamodule: Any, steps: int = 20,
+                 warmup: int = 5) -> float:
+    """Median seconds per training step of ``model`` over ``steps`` steps after ``warmup``,
+    measured in a throwaway Trainer (no logger, no checkpoint): the cost of a size this run does
+    not train, for the expected full-size time."""
+    import statistics
+
+    class _Clock(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self.times.append(time.perf_counter())
+
+    clock = _Clock()
+    L.Trainer(max_steps=steps + warmup + 1, accelerator="cpu", devices=1, logger=False,
+              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+              limit_val_batches=0, callbacks=[clock]).fit(model, datamodule)
+    gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)][warmup:]
+    return statistics.median(gaps)
+
+
 @torch.no_grad()
 def evaluate(model: Any, x: torch.Tensor, iw_samples: int = 100, fisher: bool = False,
              max_iw: int = 2000) -> dict[str, float]:

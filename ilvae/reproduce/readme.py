@@ -1,10 +1,13 @@
-"""Copy a study's headline table and first plot into README.md.
+"""Copy the studies' results into README.md.
 
-    python -m ilvae.reproduce.readme DIR     # DIR written by `ilvae reproduce STUDY --quick`
+    python -m ilvae.reproduce.readme DIR [--studies DIR ...]
 
-The block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in README.md is
-replaced by the report's summary table and its first plot (copied to ``docs/``), so the numbers
-in the README are exactly those of the run that wrote DIR.
+DIR was written by `ilvae reproduce STUDY --quick --out DIR`. The block between
+``<!-- results:begin -->`` and ``<!-- results:end -->`` in README.md is replaced by DIR's summary
+table and first plot (copied to ``docs/``); with ``--studies``, the block between
+``<!-- studies:begin -->`` and ``<!-- studies:end -->`` gets one line per study (checks that
+agree, wall time, expected full-size time, the claims that disagree). The numbers in the README
+are exactly those of the runs that wrote the reports.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import shutil
 from pathlib import Path
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+STUDIES_BEGIN, STUDIES_END = "<!-- studies:begin -->", "<!-- studies:end -->"
+_SUMMARY = "## Summary: agreement with the papers and closed forms"
 
 
 def block(report_dir: Path, docs: Path) -> str:
@@ -22,7 +27,7 @@ def block(report_dir: Path, docs: Path) -> str:
     title = report.splitlines()[0].lstrip("# ").strip()
     size = re.search(r"^Size: .*$", report, re.M).group(0)
     command = re.search(r"^Command: .*$", report, re.M).group(0)
-    summary = report.split("## Summary: agreement with the papers and closed forms")[1]
+    summary = report.split(_SUMMARY)[1]
     summary = summary.split("\n## ")[0].strip()
     out = [f"**{title}**", "", size, "", command, "", summary, ""]
     plot = re.search(r"!\[([^\]]*)\]\(([^)]+\.png)\)", report)
@@ -34,20 +39,52 @@ def block(report_dir: Path, docs: Path) -> str:
     return "\n".join(out)
 
 
+def study_line(report_dir: Path) -> str:
+    """One table row: study, size, agreement, wall time, expected full size, disagreements."""
+    report = (report_dir / "report.md").read_text()
+    study = re.search(r"^Command: `ilvae reproduce (\S+)", report, re.M).group(1)
+    size, wall = re.search(r"^Size: \*\*(\w+)\*\*; seed \d+; wall time ([\d.]+ min)", report,
+                           re.M).groups()
+    full = re.search(r"^Expected wall time of the full size on this machine: \*\*([^*]+)\*\*",
+                     report, re.M)
+    summary = report.split(_SUMMARY)[1].split("\n## ")[0]
+    agree = re.search(r"(\d+) of (\d+) checks agree", summary)
+    rows = [ln.split(" | ") for ln in summary.splitlines() if ln.startswith("| ")][2:]
+    disagree = [r[0].lstrip("| ").strip() for r in rows if len(r) > 1 and r[1] == "**no**"]
+    return (f"| `{study}` | {size} | {agree.group(1)}/{agree.group(2) if agree else '–'} | "
+            f"{wall} | {full.group(1) if full else '–'} | "
+            f"{'; '.join(disagree) if disagree else 'none'} |")
+
+
+def studies_block(dirs: list[Path]) -> str:
+    lines = ["| study | size | checks agreeing | wall time | full size (expected) | "
+             "disagreements |", "|---|---|---|---|---|---|"]
+    return "\n".join(lines + [study_line(d) for d in dirs])
+
+
+def _replace(text: str, begin: str, end: str, new: str, readme: Path) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} … {end} block")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{new}\n{end}{tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report_dir", type=Path)
+    parser.add_argument("--studies", type=Path, nargs="*", default=[],
+                        help="report directories summarised one line each")
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     args = parser.parse_args(argv)
     text = args.readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{args.readme} has no {BEGIN} … {END} block")
-    docs = Path("docs")
-    new = block(args.report_dir, docs)
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    args.readme.write_text(f"{head}{BEGIN}\n{new}\n{END}{tail}")
-    print(f"updated {args.readme} from {args.report_dir / 'report.md'}")
+    text = _replace(text, BEGIN, END, block(args.report_dir, Path("docs")), args.readme)
+    if args.studies:
+        text = _replace(text, STUDIES_BEGIN, STUDIES_END, studies_block(args.studies),
+                        args.readme)
+    args.readme.write_text(text)
+    print(f"updated {args.readme} from {args.report_dir / 'report.md'}"
+          + (f" and {len(args.studies)} study reports" if args.studies else ""))
     return 0
 
 
