@@ -1,4 +1,5 @@
-"""Input–output pairs (x, y) for conditional VAEs: MNIST quarters and jointly Gaussian data.
+"""Input–output pairs (x, y) for conditional VAEs: MNIST quarters, digits quarters (embedded, no
+download) and jointly Gaussian data.
 
 A conditional datamodule serves batches ``(x, y, label)``: the condition ``x`` float32
 ``(B, *data_shape)``, the target ``y`` float32 ``(B, *target_shape)`` and an int64 label ``(B,)``
@@ -18,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .base import _STAGES, VAEDataModule, seeded_generator
-from .images import MNIST, FashionMNIST
+from .images import MNIST, Digits, FashionMNIST
 
 Triple = tuple[Tensor, Tensor, Tensor]
 _SOURCES = {"MNIST": MNIST, "FashionMNIST": FashionMNIST}
@@ -109,15 +110,21 @@ class ConditionalDataModule(VAEDataModule):
         return self._splits[_STAGES[stage]]  # type: ignore[return-value]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = _TripleDataset(*self.tensors(split))
+        # The base class's sampler, not shuffle=True: the order is then a function of
+        # (seed, epoch) split over the processes, so a multi-process or resumed run sees the
+        # batches of the uninterrupted single-process run (Lightning would replace a plain
+        # shuffling loader's sampler under DDP by one with another order).
+        sampler = self.shuffle_sampler(dataset) if shuffle else None
         return DataLoader(
-            _TripleDataset(*self.tensors(split)),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=self.drop_last and shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=_collate,
-            generator=seeded_generator(self.seed, "shuffle") if shuffle else None,
+            generator=sampler.generator if sampler is not None else None,
         )
 
     def _check(self, x: Tensor, y: Tensor, label: Tensor | None, split: str) -> Triple:
@@ -205,6 +212,65 @@ class MNISTQuarters(ConditionalDataModule):
 
     def _quarters(self, split: str) -> tuple[Tensor, Tensor, Tensor]:
         images, labels = self._images[split]
+        return (*self.split(images), labels)
+
+    def _load_train(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self._quarters("train")
+
+    def _load_test(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self._quarters("test")
+
+
+class DigitsQuarters(ConditionalDataModule):
+    """The quarter task of Dang et al. (ICLR 2024) on scikit-learn's embedded 8×8 digits.
+
+    The same cut as :class:`MNISTQuarters`, at 8×8 instead of 28×28 and with no download: the
+    image I (pixels 0..16 scaled to [0, 1], the images and the fixed test hold-out of
+    :class:`~ilvae.datamodules.Digits`) is cut into four 4×4 quarters. The condition is the
+    bottom-left quarter, ``x = I[4:8, 0:4]`` with shape ``(1, 4, 4)``; the target is the other
+    three quarters, each flattened row by row and concatenated in the order top-left
+    ``I[0:4, 0:4]``, top-right ``I[0:4, 4:8]``, bottom-right ``I[4:8, 4:8]``: ``y`` has shape
+    ``(48,)``. :meth:`assemble` puts the image back together. Batches are
+    ``(x, y, digit label)``.
+
+    Args:
+        test_fraction: share of the 1797 images held out for testing (see ``Digits``).
+        batch_size, val_fraction, seed, num_workers, drop_last: see :class:`VAEDataModule`.
+    """
+
+    def __init__(self, test_fraction: float = 0.2, batch_size: int = 128,
+                 val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0,
+                 drop_last: bool = False) -> None:
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+                         num_workers=num_workers, drop_last=drop_last)
+        # Digits checks test_fraction now, not at setup.
+        self._source = Digits(test_fraction=test_fraction, val_fraction=0.0, seed=seed)
+        self.test_fraction = self._source.test_fraction
+        self._data_shape = (1, 4, 4)
+        self._target_shape = (48,)
+        self._num_classes = 10
+
+    @staticmethod
+    def split(images: Tensor) -> tuple[Tensor, Tensor]:
+        """Images ``(N, 1, 8, 8)`` → ``(x (N, 1, 4, 4), y (N, 48))`` as described above."""
+        if images.shape[1:] != (1, 8, 8):
+            raise ValueError(f"images must have shape (N, 1, 8, 8), got {tuple(images.shape)}")
+        x = images[:, :, 4:, :4].clone()
+        y = torch.cat([images[:, 0, :4, :4].flatten(1), images[:, 0, :4, 4:].flatten(1),
+                       images[:, 0, 4:, 4:].flatten(1)], dim=1)
+        return x, y
+
+    @staticmethod
+    def assemble(x: Tensor, y: Tensor) -> Tensor:
+        """Inverse of :meth:`split`: x (N, 1, 4, 4) and y (N, 48) → images (N, 1, 8, 8)."""
+        n = x.shape[0]
+        top_left, top_right, bottom_right = y.reshape(n, 3, 4, 4).unbind(1)
+        top = torch.cat([top_left, top_right], dim=-1)
+        bottom = torch.cat([x.reshape(n, 4, 4), bottom_right], dim=-1)
+        return torch.cat([top, bottom], dim=-2).unsqueeze(1)
+
+    def _quarters(self, split: str) -> tuple[Tensor, Tensor, Tensor]:
+        images, labels = self._source.tensors(split)
         return (*self.split(images), labels)
 
     def _load_train(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -110,14 +110,7 @@ class Vocabulary:
         """Write the vocabulary to ``path``. A file already there holding the same vocabulary
         is left as it is; one holding anything else raises ``FileExistsError``."""
         path = os.fspath(path)
-        if os.path.exists(path):
-            try:
-                same = Vocabulary.load(path) == self
-            except ValueError:
-                same = False
-            if not same:
-                raise FileExistsError(f"{path!r} already exists and holds a different vocabulary; "
-                                      "remove it or choose another vocab_path")
+        if self.saved_at(path):
             return
         folder = os.path.dirname(path)
         if folder:
@@ -126,6 +119,22 @@ class Vocabulary:
         with open(partial, "w", encoding="utf-8") as file:
             file.write(self.to_json())
         os.replace(partial, path)
+
+    def saved_at(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` already holds this vocabulary (``False`` if there is no file);
+        ``FileExistsError`` if it holds anything else. Files are written whole
+        (:meth:`save` renames a finished temporary), so a reader never sees half a file."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            return False
+        try:
+            same = Vocabulary.load(path) == self
+        except ValueError:
+            same = False
+        if not same:
+            raise FileExistsError(f"{path!r} already exists and holds a different vocabulary; "
+                                  "remove it or choose another vocab_path")
+        return True
 
     @staticmethod
     def from_checkpoint(path: str | os.PathLike) -> Vocabulary:
@@ -371,12 +380,27 @@ class TextDataModule(VAEDataModule):
         self._save_vocab()
 
     def _save_vocab(self) -> None:
+        """Write the vocabulary to ``vocab_path`` (every process: the write is atomic and a
+        file holding the same vocabulary is left alone), else to ``vocab.json`` in the
+        trainer's log directory (its ``default_root_dir`` when there is no logger), written by
+        the global-zero process only; the others check that a file already there holds the
+        same vocabulary, so that every process raises the same ``FileExistsError`` if not."""
         if self.vocab_path is not None:
             self.vocab.save(self.vocab_path)
             return
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.is_global_zero and trainer.log_dir is not None:
-            self.vocab.save(os.path.join(trainer.log_dir, "vocab.json"))
+        if trainer is None:
+            return
+        # Every process reads log_dir: under DDP it is a broadcast from rank 0, and a process
+        # that skipped it would leave the others waiting for ever.
+        log_dir = trainer.log_dir
+        if log_dir is None:
+            return
+        path = os.path.join(log_dir, "vocab.json")
+        if trainer.is_global_zero:
+            self.vocab.save(path)
+        else:
+            self.vocab.saved_at(path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"vocabulary": list(self.vocab.tokens)}

@@ -9,15 +9,54 @@ where SSE = Σ_b Σ_d (x_bd − f(z_b)_d)². Substituting it, the batch-mean obj
 (D/2) log(SSE/B) + KL up to constants, and by the envelope theorem its gradient equals that of
 the Gaussian NLL with σ² held fixed at σ̂². For evaluation (ELBO, importance-weighted NLL) σ² is
 frozen to a running average of σ̂² over training batches, stored in the checkpoint as a buffer.
+
+Multi-process data parallel training (W processes, process r holding B_r of the N = Σ_r B_r
+examples of a step): σ̂² is the maximum-likelihood variance of the whole N-example batch,
+
+    σ̂² = Σ_r SSE_r / (Σ_r n_r)           (n_r = B_r·D isotropic, B_r per dimension),
+
+both sums all-reduced across processes by a differentiable reduction whose backward pass is the
+all-reduce (sum) of the incoming gradients. Process r minimises ℓ_r = −(1/B_r) Σ_b log p, and
+DDP averages the processes' gradients, i.e. follows the gradient of (1/W) Σ_r ℓ_r. Through the
+shared σ̂², θ_r reaches every ℓ_{r'}, so ∂/∂θ_r of that sum needs Σ_{r'} ∂ℓ_{r'}/∂σ̂², which is
+what the all-reduce in the backward pass supplies; with equal B_r = N/W, (1/W) Σ_r ℓ_r is the
+single-process batch mean, so the averaged gradient is the single-process gradient: no factor
+W is to be added or removed (``tests/decoders/test_ar_elbo.py`` checks it on two processes).
+Every process then gets the same σ̂², so the running average is the single-process one. The
+reduction is a collective: every process computes training-mode log-probabilities the same
+number of times per step, as DDP's training steps do.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ilvae.decoders.mlp import MLPDecoder
 from ilvae.likelihoods import _LOG_2PI, Likelihood
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = Σ_r x_r on every process. Backward: ∂/∂x_r = Σ_{r'} ∂ℓ_{r'}/∂y, the all-reduce of
+    the processes' incoming gradients, since x_r enters every process's y. (The same as the
+    deprecated ``torch.distributed.nn.functional.all_reduce``.)"""
+
+    @staticmethod
+    def forward(ctx: object, tensor: Tensor) -> Tensor:
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
 
 
 class GaussianAdaptive(Likelihood):
@@ -45,9 +84,22 @@ class GaussianAdaptive(Likelihood):
 
     def batch_variance(self, x: Tensor, param: Tensor) -> Tensor:
         """σ̂² of this batch (differentiable): SSE/(B·D), or SSE_j/B per dimension. Leading
-        sample dimensions (S, B, D) count as batch."""
+        sample dimensions (S, B, D) count as batch. In training under torch.distributed with
+        more than one process, SSE and the count are summed over the processes first (module
+        docstring), so σ̂² is that of the global batch."""
         sq = (x - param) ** 2
-        var = sq.reshape(-1, sq.shape[-1]).mean(0) if self.per_dimension else sq.mean()
+        rows = sq.reshape(-1, sq.shape[-1])
+        if not (self.training and torch.is_grad_enabled() and _distributed()):
+            var = rows.mean(0) if self.per_dimension else sq.mean()
+            return var.clamp_min(self.min_variance)
+        # At least float32 for the sums, so that the count stays exact under bf16/fp16.
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        sse = rows.sum(0) if self.per_dimension else rows.sum().reshape(1)
+        count = len(rows) if self.per_dimension else rows.numel()
+        # One collective for both sums; the count carries no gradient.
+        total = _AllReduceSum.apply(torch.cat([sse, sse.new_full((1,), count)]))
+        var = (total[:-1] / total[-1]).to(sq.dtype)
+        var = var if self.per_dimension else var.reshape(())
         return var.clamp_min(self.min_variance)
 
     @torch.no_grad()

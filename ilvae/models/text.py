@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.distributions import Normal
@@ -27,7 +26,7 @@ from ilvae._config import build_component
 from ilvae.datamodules.text import BOS, EOS, PAD, SPECIALS, UNK
 from ilvae.decoders.il_brenier import ILBrenierDecoder
 from ilvae.errors import ConfigurationError
-from ilvae.models.base import check_number
+from ilvae.models.base import LatentVariableModel, check_number
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import Prior, PriorCallable, StandardNormal
 
@@ -232,7 +231,7 @@ class _TextNLL(Metric):
                 "ppl": torch.exp(self.nll_sum / self.tokens)}
 
 
-class TextVAE(LightningModule):
+class TextVAE(LatentVariableModel):
     """Sentence VAE trained on the (β-weighted) evidence lower bound
 
         loss = −E_batch[Σ_t log p(w_t | w_<t, z)] + β · Σ_i max(λ, E_batch KL(q(z_i|x) ‖ p(z_i))),
@@ -252,6 +251,12 @@ class TextVAE(LightningModule):
     E[NLL_K] ≥ −log p(x), decreasing in K (Burda et al., 2016); K = 0 skips both. With
     :class:`~ilvae.callbacks.CollapseMonitor` switch its own ``iw_nll`` off (this module already
     logs the metric).
+
+    As every :class:`~ilvae.models.base.LatentVariableModel`: the training loss passes through
+    the loss guard (a NaN/inf loss stops the run with a report, or the batch is skipped; see
+    :mod:`ilvae.loss_guard`), ``val/`` and ``test/`` values are averaged over processes
+    (``sync_dist``; ``iw_nll`` and ``ppl`` come from sums reduced across processes), and
+    ``load_from_checkpoint`` loads with ``weights_only=True`` by default.
 
     Args:
         data_shape: ``(max_length,)``; supplied by the datamodule in the CLI.
@@ -289,7 +294,13 @@ class TextVAE(LightningModule):
                  num_iw_samples: int = 500, iw_chunk_size: int = 10,
                  optimizer: OptimizerCallable | None = None,
                  lr_scheduler: LRSchedulerCallable | None = None) -> None:
-        super().__init__()
+        # LatentVariableModel.__init__ builds ilvae Encoder/Decoder blocks from the sizes
+        # (data_shape, latent_dim); the LSTM blocks need the vocabulary and widths instead, so
+        # this sets the same attributes itself and inherits the rest: the loss guard around
+        # training_step, the val/test sync_dist default of log and log_dict, the skip before
+        # the optimiser step, the weights_only load_from_checkpoint, and on_fit_start (and the
+        # CLI) calling check_data before training.
+        super(LatentVariableModel, self).__init__()
         shape = tuple(data_shape)
         if len(shape) != 1 or isinstance(shape[0], bool) or not isinstance(shape[0], int) \
                 or shape[0] < 2:
@@ -297,7 +308,7 @@ class TextVAE(LightningModule):
                                      "(max_length,) with max_length >= 2 (it is supplied by the "
                                      "datamodule)")
         self.data_shape = shape
-        self.max_length = shape[0]
+        self.max_length = self.data_dim = shape[0]
         self.vocab_size = _positive_int("vocab_size", vocab_size, len(SPECIALS) + 1)
         self.latent_dim = _positive_int("latent_dim", latent_dim)
         embedding_dim = _positive_int("embedding_dim", embedding_dim)
@@ -439,16 +450,28 @@ class TextVAE(LightningModule):
             out["y"] = batch[1]
         return out
 
-    def on_fit_start(self) -> None:
-        # Reject data the vocabulary cannot score before the first step.
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "tensors"):
-            tokens = self._tokens(dm.tensors("fit")[0])
-            top = int(tokens.max())
-            if top >= self.vocab_size or int(tokens.min()) < 0:
-                raise ConfigurationError(
-                    f"the data hold token id {top} but vocab_size={self.vocab_size}; link "
-                    "vocab_size from the datamodule")
+    def unpack(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        """(tokens, y) from a batch; tokens must be int64 rows (B, max_length)."""
+        y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        return self._tokens(batch), y
+
+    def check_data(self, datamodule: Any) -> None:
+        """Raise ``ConfigurationError`` when the training tokens are not int64 rows
+        (N, max_length) or hold ids outside [0, vocab_size). Called before the first step
+        (``on_fit_start``) and by the CLI before anything is written."""
+        if datamodule is None or not hasattr(datamodule, "tensors"):
+            return
+        tokens = self._tokens(datamodule.tensors("fit")[0])
+        top = int(tokens.max())
+        if top >= self.vocab_size or int(tokens.min()) < 0:
+            raise ConfigurationError(
+                f"the data hold token id {top} but vocab_size={self.vocab_size}; link "
+                "vocab_size from the datamodule")
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Greedy sentences decoded from z (B, latent_dim): token rows (B, max_length) (a
+        language model has no single output parameter to return)."""
+        return self.decoder.generate(z, self.max_length, greedy=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = (self.optimizer or torch.optim.Adam)(self.parameters())

@@ -1,5 +1,6 @@
-"""Conditional datamodules: the MNIST quarter split is exact and the synthetic Gaussian pairs
-have the residual second moment E they promise."""
+"""Conditional datamodules: the MNIST quarter split is exact, the synthetic Gaussian pairs
+have the residual second moment E they promise, and the training order is the base
+datamodule's (seed, epoch) order, split over processes."""
 
 import gzip
 import struct
@@ -9,7 +10,12 @@ import pytest
 import torch
 import torchvision.datasets.mnist
 
-from ilvae.datamodules.conditional import LinearConditionalData, MNISTQuarters
+from ilvae.datamodules.base import EpochShuffleSampler, VAEDataModule
+from ilvae.datamodules.conditional import (
+    ConditionalDataModule,
+    LinearConditionalData,
+    MNISTQuarters,
+)
 
 
 def _write_idx(path, array):
@@ -166,3 +172,70 @@ def test_linear_pairs_depend_on_the_seed_only():
 def test_linear_pairs_reject_bad_arguments(kw, pattern):
     with pytest.raises(ValueError, match=pattern):
         LinearConditionalData(**kw)
+
+
+# -- training order ----------------------------------------------------------------------------
+
+
+class _IndexedPairs(ConditionalDataModule):
+    """Pair i is (x = i, y = −i, label i)."""
+
+    def __init__(self, n: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n = n
+        self._data_shape, self._target_shape = (1,), (1,)
+
+    def _load_train(self):
+        i = torch.arange(self.n, dtype=torch.float32)[:, None]
+        return i, -i, torch.arange(self.n)
+
+
+class _Indexed(VAEDataModule):
+    """Example i is (i, label i): the base datamodule on the same pool."""
+
+    def __init__(self, n: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n = n
+        self._data_shape = (1,)
+
+    def _load_train(self):
+        return torch.arange(self.n, dtype=torch.float32)[:, None], torch.arange(self.n)
+
+
+class _Trainer:
+    def __init__(self, world_size=1, global_rank=0, current_epoch=0):
+        self.world_size, self.global_rank = world_size, global_rank
+        self.current_epoch = current_epoch
+
+
+def _labels(dm, world=1, rank=0, epoch=0):
+    dm.trainer = _Trainer(world, rank, epoch)
+    loader = dm.train_dataloader()
+    # A DistributedSampler: Lightning keeps it under DDP instead of swapping in its own.
+    assert isinstance(loader.sampler, EpochShuffleSampler)
+    batches = []
+    for batch in loader:
+        x, label = batch[0], batch[-1]
+        assert torch.equal(x[:, 0], label.float())
+        if len(batch) == 3:  # (x, y, label): the target travels with its condition
+            assert torch.equal(batch[1], -x)
+        batches.append(label.tolist())
+    return batches
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_training_order_is_the_base_order_split_over_processes(seed, epoch):
+    """A conditional datamodule serves the base datamodule's epoch-e order (a function of seed
+    and epoch, so a resumed epoch replays it), and two processes' k-th batches of 4 together
+    hold the single-process k-th batch of 8."""
+    n, kw = 40, {"val_fraction": 0.2, "seed": seed}
+    single = _labels(_IndexedPairs(n, batch_size=8, **kw), epoch=epoch)
+    assert single == _labels(_Indexed(n, batch_size=8, **kw), epoch=epoch)
+    assert sorted(sum(single, [])) == _IndexedPairs(n, **kw).tensors("train")[2].tolist()
+    # Epochs differ (the order is reshuffled), a fresh module at the same epoch does not.
+    assert single != _labels(_IndexedPairs(n, batch_size=8, **kw), epoch=epoch + 1)
+    ranks = [_labels(_IndexedPairs(n, batch_size=4, **kw), 2, r, epoch) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single)
+    for k, expected in enumerate(single):
+        assert sorted(ranks[0][k] + ranks[1][k]) == sorted(expected)

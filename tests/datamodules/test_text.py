@@ -121,6 +121,44 @@ def test_a_different_existing_vocab_is_never_overwritten(tmp_path):
     same.setup()
 
 
+class _RankTrainer:
+    """A trainer of process ``rank`` whose ``log_dir`` counts its reads: under DDP reading it
+    is a collective (a broadcast from rank 0) that every process must join."""
+
+    def __init__(self, log_dir, rank):
+        self._log_dir, self.is_global_zero, self.reads = str(log_dir), rank == 0, 0
+
+    @property
+    def log_dir(self):
+        self.reads += 1
+        return self._log_dir
+
+
+def test_every_process_reads_the_log_dir_and_only_rank_zero_writes(tmp_path):
+    path = _write(tmp_path / "train.txt", _hmm_sentences(30, seed=6))
+    run = tmp_path / "run"
+    # Rank 1 first: it joins the collective but writes nothing.
+    other = TextDataModule(path)
+    other.trainer = _RankTrainer(run, rank=1)
+    other.setup("fit")
+    assert other.trainer.reads == 1 and not run.exists()
+    zero = TextDataModule(path)
+    zero.trainer = _RankTrainer(run, rank=0)
+    zero.setup("fit")
+    assert zero.trainer.reads == 1 and Vocabulary.load(run / "vocab.json") == zero.vocab
+    other.setup("validate")  # rank 1 again: the same vocabulary is there, nothing to do
+    assert other.trainer.reads == 2
+    # A different vocabulary there: rank 1 raises as rank 0 does, so no process waits alone.
+    (run / "vocab.json").unlink()
+    Vocabulary([*SPECIALS, "x"]).save(run / "vocab.json")
+    for rank in (0, 1):
+        dm = TextDataModule(path)
+        dm.trainer = _RankTrainer(run, rank)
+        with pytest.raises(FileExistsError, match="different vocabulary"):
+            dm.setup("fit")
+    assert Vocabulary.load(run / "vocab.json") == Vocabulary([*SPECIALS, "x"])
+
+
 def test_vocab_path_that_does_not_exist_is_written_on_setup(tmp_path):
     path = _write(tmp_path / "train.txt", _hmm_sentences(30, seed=5))
     target = tmp_path / "sub" / "vocab.json"

@@ -1,10 +1,14 @@
 """AR-ELBO: σ̂² is the batch MSE, its gradient is the fixed-σ² NLL gradient (envelope theorem),
-and evaluation uses a checkpointed running average."""
+evaluation uses a checkpointed running average, and on two processes σ̂², the gradients and the
+running average are those of one process on the whole batch."""
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch import distributions as D
 
 import ilvae.decoders
@@ -149,3 +153,131 @@ def test_build_by_registered_name(per_dimension: bool) -> None:
     z = torch.randn(3, 4)
     assert decoder(z).shape == (3, 16)
     assert decoder.log_prob(torch.randn(3, 16), z).shape == (3,)
+
+
+# ----------------------------------------------------------------- two processes (gloo)
+def _two_steps(rank: int = 0, world: int = 1) -> dict:
+    """Two steps per ``per_dimension`` on batches of N = 12 rows, this process holding rows
+    rank, rank + W, …: the gradients of the batch-mean loss and of a row-weighted loss with
+    respect to the decoder's parameters, averaged over the W processes (what DDP applies);
+    (1/W)·∂ℓ_r/∂θ with respect to given decoder outputs θ (S = 3 samples); the running
+    average of σ̂² after these 3 training-mode evaluations per step."""
+    result = {}
+    for per_dimension in (False, True):
+        torch.manual_seed(0)
+        decoder = ARELBODecoder(LATENT, DIM, hidden=[8], per_dimension=per_dimension,
+                                momentum=0.3).double().train()
+        generator = torch.Generator().manual_seed(1)
+        steps = []
+        for _ in range(2):
+            z = torch.randn(12, LATENT, generator=generator, dtype=torch.float64)
+            x = torch.randn(12, DIM, generator=generator, dtype=torch.float64) * 2
+            theta = torch.randn(3, 12, DIM, generator=generator, dtype=torch.float64)
+            mine = slice(rank, None, world)
+            loss = -decoder.log_prob(x[mine], z[mine]).mean()
+            grads = torch.autograd.grad(loss, list(decoder.parameters()))
+            # Rows weighted by w_b: the batch-mean argument of the envelope theorem no longer
+            # applies, so the gradient through σ̂² (the backward all-reduce) matters.
+            w = torch.linspace(0.5, 1.5, 12, dtype=torch.float64)[mine]
+            weighted = -(w * decoder.log_prob(x[mine], z[mine])).mean()
+            weighted_grads = torch.autograd.grad(weighted, list(decoder.parameters()))
+            for g in (*grads, *weighted_grads) if world > 1 else ():
+                dist.all_reduce(g)  # DDP: all-reduce the gradients and divide by W
+                g /= world
+            leaf = theta[:, mine].clone().requires_grad_(True)
+            (-decoder.likelihood.log_prob(x[mine], leaf).mean()).backward()
+            theta_grad = leaf.grad / world  # ∂[(1/W) Σ_r ℓ_r]/∂θ_r
+            if world > 1:  # gather every process's rows back into the batch order
+                parts = [torch.empty_like(theta_grad) for _ in range(world)]
+                dist.all_gather(parts, theta_grad.contiguous())
+                theta_grad = torch.empty(3, 12, DIM, dtype=torch.float64)
+                for r, part in enumerate(parts):
+                    theta_grad[:, r::world] = part
+            steps.append({"grads": [g.clone() for g in grads], "theta_grad": theta_grad,
+                          "weighted_grads": [g.clone() for g in weighted_grads],
+                          "x": x, "theta": theta})
+        result[per_dimension] = {"steps": steps,
+                                 "running": decoder.likelihood.running_variance.clone(),
+                                 "num_batches": int(decoder.likelihood.num_batches)}
+    return result
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    """Process ``rank`` of ``world``: :func:`_two_steps` with σ̂² all-reduced, then two
+    controls: each process's own σ̂² (as before the fix), and the global σ̂² through an
+    all-reduce without a backward pass; rank 0 saves the three."""
+    import ilvae.decoders.ar_elbo as ar_elbo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    result = {"global": _two_steps(rank, world)}
+    ar_elbo._distributed = lambda: False  # a forked child: the parent's module is untouched
+    result["local"] = _two_steps(rank, world)
+
+    class Detached:  # the global σ̂² without the backward all-reduce
+        @staticmethod
+        def apply(tensor: torch.Tensor) -> torch.Tensor:
+            out = tensor.detach().clone()
+            dist.all_reduce(out)
+            return out
+
+    ar_elbo._distributed, ar_elbo._AllReduceSum = (lambda: True), Detached
+    result["detached"] = _two_steps(rank, world)
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+def _run_two_processes(tmp_path) -> dict:
+    # Forked from this process, which has imported torch already: a fresh interpreter would
+    # spend seconds importing it again.
+    context = multiprocessing.get_context("fork")
+    out = tmp_path / "two.pt"
+    children = [context.Process(target=_worker, args=(r, 2, str(tmp_path / "store"), str(out)))
+                for r in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+    for child in children:
+        if child.is_alive():
+            child.kill()
+            child.join()
+    assert [c.exitcode for c in children] == [0, 0]
+    return torch.load(out)
+
+
+def test_two_processes_give_the_single_process_gradient_and_running_variance(tmp_path):
+    """σ̂² is all-reduced (SSE and count) with a backward all-reduce: after DDP's averaging the
+    gradients equal those of one process on the whole batch, with no extra factor W."""
+    single = _two_steps()
+    runs = _run_two_processes(tmp_path)
+    close = {"rtol": 1e-10, "atol": 1e-12}
+
+    def gap(a, b):
+        return max((u - v).abs().max().item() for u, v in zip(a, b, strict=True))
+
+    for per_dimension in (False, True):
+        want, got = single[per_dimension], runs["global"][per_dimension]
+        own, detached = runs["local"][per_dimension], runs["detached"][per_dimension]
+        for k, step in enumerate(want["steps"]):
+            for key in ("grads", "weighted_grads"):
+                for g_want, g_got in zip(step[key], got["steps"][k][key], strict=True):
+                    torch.testing.assert_close(g_got, g_want, **close)
+            torch.testing.assert_close(got["steps"][k]["theta_grad"], step["theta_grad"],
+                                       **close)
+            # Closed form: ∂/∂θ_sbd of the mean over S·N = 3·12 rows is (θ − x)/(3·12·σ̂²),
+            # σ̂² of all rows.
+            theta, x = step["theta"], step["x"]
+            var = _loop_variance(x, theta, per_dimension)
+            torch.testing.assert_close(got["steps"][k]["theta_grad"],
+                                       (theta - x) / (3 * 12 * var), **close)
+            # Controls (the comparison can fail): each process's own σ̂² changes both
+            # gradients; the global σ̂² without the backward all-reduce still gives the
+            # batch-mean gradient (envelope theorem) but not the row-weighted one.
+            assert gap(own["steps"][k]["grads"], step["grads"]) > 1e-3
+            assert gap(detached["steps"][k]["grads"], step["grads"]) < 1e-10
+            assert gap(detached["steps"][k]["weighted_grads"], step["weighted_grads"]) > 1e-3
+        torch.testing.assert_close(got["running"], want["running"], rtol=1e-12, atol=0)
+        assert got["num_batches"] == want["num_batches"] == 6
+        assert not torch.allclose(own["running"], want["running"], rtol=1e-6)

@@ -3,6 +3,7 @@ perplexity follows its formula, the Brenier output term is L-inverse-Lipschitz w
 decoder's recurrence ignores z, and training on sentences of a random HMM learns them."""
 
 import inspect
+import json
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from ilvae.datamodules.text import BOS, EOS, PAD, UNK, TextDataModule, Vocabulary
-from ilvae.errors import ConfigurationError
+from ilvae.errors import CheckpointError, ConfigurationError, NonFiniteLossError
 from ilvae.models.text import TextVAE, _TextNLL
 
 torch.set_num_threads(1)
@@ -458,3 +459,148 @@ def test_text_configs_fit_offline_and_save_the_vocabulary(tmp_path, name):
     assert Vocabulary.load(log_dir / "vocab.json") == cli.datamodule.vocab
     assert cli.model.vocab_size == cli.datamodule.vocab_size
     assert "val/ppl" in cli.trainer.callback_metrics
+
+
+# ------------------------------------------------------------------- non-finite losses
+class _FaultAt(L.Callback):
+    """At training step ``step``: record the batch, the weights and the RNG state the step
+    starts from, then break it (β = NaN, or NaN embedding weights); β is restored after it."""
+
+    def __init__(self, step, fault):
+        self.step, self.fault, self.seen, self.after = step, fault, None, {}
+        self._beta = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+        self.seen = {"tokens": batch[0].clone(), "batch_idx": batch_idx,
+                     "rng": torch.get_rng_state(),
+                     "params": {k: v.detach().clone() for k, v in pl_module.named_parameters()}}
+        if self.fault == "beta":
+            self._beta, pl_module.beta = pl_module.beta, math.nan
+        else:
+            with torch.no_grad():
+                pl_module.encoder.embedding.weight.fill_(math.nan)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._beta is not None:
+            pl_module.beta, self._beta = self._beta, None
+        step = trainer.global_step  # the step just done is step − 1
+        self.after[step - 1] = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+
+
+def _adam_steps(trainer):
+    state = trainer.optimizers[0].state if trainer.optimizers else {}
+    return [float(s["step"]) for s in state.values()]
+
+
+def _guarded_fit(tmp_path, fault, callbacks=()):
+    sentences = _HMM().sample(40, seed=6)
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(" ".join(s) + "\n" for s in sentences))
+    dm = TextDataModule(str(path), max_length=12, batch_size=8, val_fraction=0.0)
+    model = _model(dm.vocab_size, "brenier", beta=0.5)
+    injected = _FaultAt(2, fault)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path,
+                        callbacks=[*callbacks, injected])
+    return model, dm, trainer, injected
+
+
+def test_nan_loss_stops_before_the_update_and_reports_the_steps_terms(tmp_path):
+    """No callback: TextVAE's default loss guard stops at the step whose loss is NaN, before its
+    backward pass, and reports its terms; the finite ones equal an independent computation."""
+    model, dm, trainer, injected = _guarded_fit(tmp_path, "beta")
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 \(epoch 0, batch 2\)") as info:
+        trainer.fit(model, dm)
+    report = info.value.report
+    assert report["step"] == 2 and report["batch_idx"] == injected.seen["batch_idx"] == 2
+    terms = report["terms"]
+    assert math.isnan(terms["train/loss"]) and math.isnan(terms["train/beta"])
+    # The weights in memory are those the bad step started from: nothing was applied.
+    for name, before in injected.seen["params"].items():
+        assert torch.equal(dict(model.named_parameters())[name], before), name
+    # KL in closed form, recon by the per-token loop, on the same z.
+    tokens = injected.seen["tokens"]
+    torch.set_rng_state(injected.seen["rng"])
+    with torch.no_grad():
+        posterior = model.encode(tokens)
+        z = posterior.rsample()
+        loc, scale = posterior.loc, posterior.scale
+        kl = 0.5 * (loc**2 + scale**2 - torch.log(scale**2) - 1).sum(1).mean()
+        recon = -torch.stack([_reference_log_px(model, row, zi)
+                              for row, zi in zip(tokens, z, strict=True)]).mean()
+    assert terms["train/kl"] == pytest.approx(float(kl), rel=1e-5)
+    assert terms["train/recon"] == pytest.approx(float(recon), rel=1e-5)
+    assert terms["train/elbo"] == pytest.approx(-float(recon + kl), rel=1e-5)
+
+
+def test_nan_weights_stop_on_the_encoders_rejected_parameters(tmp_path):
+    model, dm, trainer, _ = _guarded_fit(tmp_path, "weights")
+    with pytest.raises(NonFiniteLossError, match="at step 2 .*non-finite distribution "
+                                                 r"parameter \(loc"):
+        trainer.fit(model, dm)
+
+
+def test_skip_leaves_weights_and_adam_untouched_and_counts_the_batch(tmp_path):
+    from ilvae.callbacks.fault_tolerance import NonFiniteLossGuard
+
+    guard = NonFiniteLossGuard(action="skip")
+    model, dm, trainer, injected = _guarded_fit(tmp_path, "beta", [guard])
+    trainer.fit(model, dm)
+    assert trainer.global_step == 10
+    assert [s["step"] for s in model.loss_guard.skipped] == [2]
+    assert math.isnan(model.loss_guard.skipped[0]["terms"]["train/loss"])
+    for name, before in injected.seen["params"].items():
+        assert torch.equal(injected.after[2][name], before), name
+    # Adam's per-parameter step count is one less than the optimiser steps: the skipped batch
+    # left the count (and the moments) alone.
+    assert set(_adam_steps(trainer)) == {trainer.global_step - 1.0}
+    # Step 3 (finite) changes the weights: the equality above can fail.
+    assert any(not torch.equal(injected.after[3][k], v) for k, v in injected.after[2].items())
+    metrics = trainer.callback_metrics
+    assert float(metrics["train/skipped_batches"]) == 1.0
+    assert all(math.isfinite(float(v)) for v in metrics.values())  # no NaN in epoch means
+    # Without a logger, the report and the vocabulary go to default_root_dir, not the cwd.
+    report = json.loads((tmp_path / "nonfinite_loss.json").read_text())
+    assert report["action"] == "skip" and [s["step"] for s in report["skipped"]] == [2]
+    assert Vocabulary.load(tmp_path / "vocab.json") == dm.vocab
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, "w")``: a stand-in for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_load_from_checkpoint_is_weights_only_by_default(tmp_path):
+    tokens, vocab = _corpus(4)
+    model = _model(len(vocab), "brenier")
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                  "pytorch-lightning_version": L.__version__}
+    torch.save(checkpoint, tmp_path / "good.ckpt")
+    loaded = TextVAE.load_from_checkpoint(tmp_path / "good.ckpt")
+    z = torch.randn(4, 3)
+    assert torch.equal(loaded.decoder.log_prob(tokens, z), model.decoder.log_prob(tokens, z))
+    marker = tmp_path / "payload-ran"
+    torch.save({**checkpoint, "extra": _Payload(marker)}, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match="refused"):
+        TextVAE.load_from_checkpoint(tmp_path / "bad.ckpt")
+    assert not marker.exists()
+    torch.load(tmp_path / "bad.ckpt", weights_only=False)  # control: unpickling runs it
+    assert marker.exists()
+
+
+def test_check_data_rejects_tokens_beyond_the_vocabulary_naming_vocab_size(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(" ".join(s) + "\n" for s in _HMM().sample(20, seed=7)))
+    dm = TextDataModule(str(path), max_length=12, val_fraction=0.0)
+    top = int(dm.tensors("fit")[0].max())
+    _model(top + 1).check_data(dm)  # every id fits
+    with pytest.raises(ConfigurationError, match=f"token id {top} but vocab_size={top}"):
+        _model(top).check_data(dm)

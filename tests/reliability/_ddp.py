@@ -10,7 +10,8 @@ processes' gradients of their batch means, which is the gradient of the 2B-examp
 
 Posterior noise: each process draws ε for the whole 2B-example batch from its generator (all
 processes are seeded alike) and keeps the rows of its own examples, the rows a single process
-would give them. Without this the two layouts would draw different random numbers for the same
+would give them; the same for plain ``Normal.sample`` draws (K, B, m) of importance-weighted
+NLLs. Without this the two layouts would draw different random numbers for the same
 example and could not be compared number for number; it is how the noise is laid out, not what
 DDP computes, so the comparison still tests gradient averaging, buffer broadcasting and the
 cross-process reduction of logged metrics and torchmetrics states.
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.distributions import Normal
 
+REPO = Path(__file__).resolve().parents[2]
 HIDDEN = {"hidden": [16]}
 CASES: dict[str, dict[str, Any]] = {
     "vae-mlp": {"model": "ilvae.models.VAE",
@@ -43,11 +45,7 @@ CASES: dict[str, dict[str, Any]] = {
                        "args": {"decoder": {"class_path": "il_brenier",
                                             "init_args": {**HIDDEN, "L": 0.5}}}},
     "vae-ar_elbo": {"model": "ilvae.models.VAE",
-                    "args": {"decoder": {"class_path": "ar_elbo", "init_args": HIDDEN}},
-                    "xfail": "AR-ELBO's σ̂² is the maximum-likelihood variance of each "
-                             "process's own part of the batch, not of the whole batch, so DDP "
-                             "optimises another objective (ilvae/decoders/ar_elbo.py should "
-                             "all-reduce the squared error and the count)"},
+                    "args": {"decoder": {"class_path": "ar_elbo", "init_args": HIDDEN}}},
     "autoencoder-il_brenier": {"model": "ilvae.models.Autoencoder",
                                "args": {"decoder": {"class_path": "il_brenier",
                                                     "init_args": {**HIDDEN, "L": 0.5}}}},
@@ -61,12 +59,7 @@ CASES: dict[str, dict[str, Any]] = {
     "conditional-mlp": {"model": "ilvae.models.ConditionalVAE", "encoder": False,
                         "args": {"hidden": [16]},
                         "data": ("ilvae.datamodules.conditional.LinearConditionalData",
-                                 {"x_dim": 3, "variances": [4.0, 1.0], "num_samples": 64}),
-                        "xfail": "ConditionalDataModule builds its own training loader with "
-                                 "shuffle=True, so under DDP Lightning swaps in a sampler with "
-                                 "another order (and a resumed epoch gets another order too); "
-                                 "passing sampler=self.shuffle_sampler(dataset) as the base "
-                                 "datamodule does makes the two match"},
+                                 {"x_dim": 3, "variances": [4.0, 1.0], "num_samples": 64})},
     "linear_vae": {"model": "ilvae.models.LinearVAE", "encoder": False,
                    "args": {"analytic_expectation": False}},
     "linear_hvae": {"model": "ilvae.models.LinearHVAE", "encoder": False,
@@ -76,14 +69,9 @@ CASES: dict[str, dict[str, Any]] = {
                                  "L": 0.5, "brenier_hidden": [8], "num_iw_samples": 4,
                                  "iw_chunk_size": 2},
                         "data": ("ilvae.datamodules.TextDataModule",
-                                 {"train_path": "configs/text/sample_corpus.txt",
+                                 {"train_path": str(REPO / "configs/text/sample_corpus.txt"),
                                   "max_length": 8, "max_vocab": 30}),
-                        "trainer": {"limit_train_batches": 3, "limit_val_batches": 2},
-                        "known_issue": "datamodules/text.py reads trainer.log_dir (a collective "
-                                       "under DDP) in setup on rank 0 only, so DDP deadlocks; "
-                                       "TextVAE is not a LatentVariableModel, so it has no loss "
-                                       "guard and its val metrics are not reduced across "
-                                       "processes"},
+                        "trainer": {"limit_train_batches": 3, "limit_val_batches": 2}},
 }
 LATENT, DATA_DIM, N, PER_PROCESS_BATCH, EPOCHS, SEED = 3, 10, 64, 8, 2, 11
 
@@ -94,7 +82,7 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def _rsample(self: Normal, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+def _rsample(self: Normal, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
     shape = self._extended_shape(torch.Size(sample_shape))
     world, rank = _world()
     if len(shape) < 2 or world == 1:
@@ -107,11 +95,22 @@ def _rsample(self: Normal, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
     return self.loc + eps * self.scale
 
 
-def patch_noise() -> Any:
-    """Lay the posterior noise out per example (module docstring); returns the original."""
-    original = Normal.rsample
-    Normal.rsample = _rsample
+def _sample(self: Normal, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+    with torch.no_grad():
+        return _rsample(self, sample_shape)
+
+
+def patch_noise() -> tuple[Any, Any]:
+    """Lay the posterior noise out per example (module docstring), for reparameterised draws
+    and for plain ones (importance-weighted NLLs, ``(K, B, m)``); returns the originals for
+    :func:`unpatch_noise`."""
+    original = Normal.rsample, Normal.sample
+    Normal.rsample, Normal.sample = _rsample, _sample
     return original
+
+
+def unpatch_noise(original: tuple[Any, Any]) -> None:
+    Normal.rsample, Normal.sample = original
 
 
 def make_data(path: Path) -> None:
@@ -192,8 +191,10 @@ def train(name: str, data: Path, mode: str) -> dict[str, Any]:
 
 def main(out: str, mode: str) -> None:
     torch.set_num_threads(1)
-    os.chdir(Path(__file__).resolve().parents[2])  # data paths in CASES are repository paths
-    out_dir = Path(out)
+    out_dir = Path(out).resolve()
+    # The paths in CASES are absolute: whatever would go to the working directory lands in
+    # the temporary folder, not in the repository.
+    os.chdir(out_dir)
     data = out_dir / "data.pt"
     patch_noise()
     results = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import STEPS_PER_EPOCH, write_config
+from conftest import REPO, STEPS_PER_EPOCH, write_config
 
 from ilvae.checkpointing import load_checkpoint
 from ilvae.cli import main, run
@@ -130,7 +130,7 @@ def test_python_api_without_the_callback_stops_by_default(tmp_path):
 
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[BlowUp()])
+                         default_root_dir=tmp_path, callbacks=[BlowUp()])
     with pytest.raises(NonFiniteLossError, match="at step 2 .*train/loss=inf") as info:
         trainer.fit(model, datamodule=dm)
     assert info.value.report["step"] == 2
@@ -169,3 +169,73 @@ def test_stop_guard_records_on_the_device_without_reading_back_until_the_check(m
         guard(module, losses[3], terms, 3)  # the fourth call reads the record
     assert info.value.report["step"] == 1 and info.value.report["batch_idx"] == 1
     assert info.value.report["terms"] == {"train/recon": 0.5, "train/beta": 1.0}
+
+
+# ------------------------------------------------------------------------------ TextVAE
+TEXT_CONFIG = """\
+seed_everything: 7
+trainer:
+  max_epochs: 2
+  limit_train_batches: {steps}
+  limit_val_batches: 1
+  deterministic: true
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+{extra}
+model:
+  class_path: ilvae.models.TextVAE
+  init_args: {{latent_dim: 3, embedding_dim: 8, hidden_dim: 8, z_injection: brenier, L: 0.5,
+               brenier_hidden: [8], num_iw_samples: 2, iw_chunk_size: 2}}
+data:
+  class_path: ilvae.datamodules.TextDataModule
+  init_args: {{train_path: {corpus}, max_length: 8, max_vocab: 30, batch_size: 16,
+               val_fraction: 0.1}}
+"""
+
+
+def _text_config(directory: Path, *callbacks: str) -> Path:
+    path = directory / "text.yaml"
+    path.write_text(TEXT_CONFIG.format(steps=STEPS_PER_EPOCH, extra=_callbacks(*callbacks),
+                                       corpus=REPO / "configs" / "text" / "sample_corpus.txt"))
+    return path
+
+
+def test_text_vae_nan_loss_stops_with_step_terms_and_the_last_good_checkpoint(tmp_path, capsys):
+    """TextVAE goes through the same loss guard as the other models (row 1 of the table)."""
+    code, err = _main(capsys, _text_config(tmp_path, _nan_beta()), tmp_path / "runs")
+    assert code == 3
+    (line,) = [ln for ln in err if ln.startswith("ilvae: error:")]
+    assert f"non-finite training loss at step {BAD_STEP} (epoch 1, batch 1)" in line
+    assert "train/loss=nan" in line and "train/beta=nan" in line
+    assert _checkpoints(tmp_path / "runs") == {"epoch=0-step=3.ckpt": 3, "last.ckpt": 3}
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    assert all(bool(torch.isfinite(t).all()) for t in load_checkpoint(last)["state_dict"].values())
+    report = json.loads(next((tmp_path / "runs").rglob("nonfinite_loss.json")).read_text())
+    assert report["step"] == BAD_STEP and report["last_checkpoint"] == str(last)
+    # The finite terms are numbers, consistent with each other: elbo = −(recon + kl).
+    terms = report["terms"]
+    kl, recon, elbo = terms["train/kl"], terms["train/recon"], terms["train/elbo"]
+    assert kl > 0 and recon > 0 and elbo == pytest.approx(-(recon + kl), rel=1e-6)
+    assert f"train/kl={kl:.6g}" in line and f"train/recon={recon:.6g}" in line
+
+
+@pytest.mark.slow  # tests/models/test_text.py checks the same with a plain Trainer, fast
+def test_text_vae_skip_leaves_parameters_and_optimizer_untouched(tmp_path):
+    around = tmp_path / "around.pt"
+    config = _text_config(tmp_path, _nan_beta(), (
+        f"{{class_path: _faults.AroundStep, init_args: {{step: {BAD_STEP}, path: '{around}'}}}}"))
+    cli = run(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'runs'}",
+               "--nonfinite.action=skip"])
+    assert cli.trainer.global_step == 2 * STEPS_PER_EPOCH
+    snap = torch.load(around)
+    for name, before in snap["before"]["params"].items():
+        assert torch.equal(snap["after"]["params"][name], before), name
+    assert snap["after"]["optimizer"]["state"][0]["step"] == snap["before"]["optimizer"][
+        "state"][0]["step"]
+    assert [s["step"] for s in cli.model.loss_guard.skipped] == [BAD_STEP]
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["train/skipped_batches"]) == 1.0
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+    assert {"val/loss", "val/iw_nll", "val/ppl"} <= set(metrics)
