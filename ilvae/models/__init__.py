@@ -3,10 +3,11 @@
 from ilvae.models.autoencoder import Autoencoder
 from ilvae.models.base import LatentVariableModel
 from ilvae.models.conditional import ConditionalVAE
+from ilvae.models.hierarchical import HierarchicalVAE
 from ilvae.models.linear import LinearHVAE, LinearVAE
 from ilvae.models.mixture import GaussianMixturePrior, MixtureVAE
 from ilvae.models.text import TextVAE
 from ilvae.models.vae import VAE
 
-__all__ = ["VAE", "Autoencoder", "ConditionalVAE", "GaussianMixturePrior", "LatentVariableModel",
-           "LinearHVAE", "LinearVAE", "MixtureVAE", "TextVAE"]
+__all__ = ["VAE", "Autoencoder", "ConditionalVAE", "GaussianMixturePrior", "HierarchicalVAE",
+           "LatentVariableModel", "LinearHVAE", "LinearVAE", "MixtureVAE", "TextVAE"]
