@@ -2,7 +2,12 @@
 
 from .arrays import ArrayDataModule
 from .base import VAEDataModule
-from .conditional import ConditionalDataModule, LinearConditionalData, MNISTQuarters
+from .conditional import (
+    ConditionalDataModule,
+    DigitsQuarters,
+    LinearConditionalData,
+    MNISTQuarters,
+)
 from .images import MNIST, Digits, FashionMNIST
 from .synthetic import LinearGaussianData
 from .text import TextDataModule, Vocabulary
@@ -17,6 +22,7 @@ __all__ = [
     "LinearConditionalData",
     "LinearGaussianData",
     "MNISTQuarters",
+    "DigitsQuarters",
     "TextDataModule",
     "TwoGaussians",
     "VAEDataModule",

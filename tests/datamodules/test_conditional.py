@@ -239,3 +239,56 @@ def test_training_order_is_the_base_order_split_over_processes(seed, epoch):
     assert len(ranks[0]) == len(ranks[1]) == len(single)
     for k, expected in enumerate(single):
         assert sorted(ranks[0][k] + ranks[1][k]) == sorted(expected)
+
+
+# -- digits quarters -------------------------------------------------------------------------------
+
+
+def test_digits_quarters_cut_scikit_learns_images_pixel_for_pixel():
+    """x = I[4:8, 0:4], y = [I[0:4, 0:4], I[0:4, 4:8], I[4:8, 4:8]] row by row, checked against
+    scikit-learn's own 8×8 images (pixels /16) and labels for every pair of every split."""
+    from sklearn.datasets import load_digits
+
+    from ilvae.datamodules.conditional import DigitsQuarters
+
+    dm = DigitsQuarters(val_fraction=0.1, batch_size=5)
+    assert dm.data_shape == (1, 4, 4) and dm.target_shape == (48,) and dm.num_classes == 10
+    digits = load_digits()
+    pixels = digits.images.astype(np.float32) / 16.0
+    lookup = {pixels[i].tobytes(): i for i in range(len(pixels))}
+    seen = []
+    for stage in ("train", "val", "test"):
+        x, y, label = dm.tensors(stage)
+        n = len(x)
+        assert x.shape == (n, 1, 4, 4) and y.shape == (n, 48) and x.dtype == torch.float32
+        rebuilt = np.zeros((n, 8, 8), dtype=np.float32)
+        rebuilt[:, 4:, :4] = x[:, 0].numpy()
+        quarters = y.numpy().reshape(n, 3, 4, 4)
+        rebuilt[:, :4, :4], rebuilt[:, :4, 4:], rebuilt[:, 4:, 4:] = quarters.transpose(1, 0, 2, 3)
+        index = [lookup[img.tobytes()] for img in rebuilt]  # each pair is one sklearn image
+        assert label.tolist() == digits.target[index].tolist()
+        assert torch.equal(DigitsQuarters.assemble(x, y)[:, 0], torch.from_numpy(rebuilt))
+        seen += index
+    assert sorted(seen) == sorted(lookup.values())  # the three splits partition the images
+    assert len(dm.tensors("train")[0]) + len(dm.tensors("val")[0]) == 1797 - 359
+
+
+def test_digits_quarters_keep_the_fixed_digits_test_split():
+    from ilvae.datamodules import Digits
+    from ilvae.datamodules.conditional import DigitsQuarters
+
+    images, labels = Digits().tensors("test")
+    for seed in (0, 3):
+        x, y, label = DigitsQuarters(seed=seed).tensors("test")
+        assert torch.equal(DigitsQuarters.assemble(x, y), images) and torch.equal(label, labels)
+    a, b = DigitsQuarters(seed=0).tensors("train"), DigitsQuarters(seed=3).tensors("train")
+    assert not torch.equal(a[2], b[2])  # the train/val split follows the seed
+
+
+def test_digits_quarters_split_rejects_other_sizes():
+    from ilvae.datamodules.conditional import DigitsQuarters
+
+    with pytest.raises(ValueError, match=r"\(N, 1, 8, 8\)"):
+        DigitsQuarters.split(torch.zeros(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="test_fraction"):
+        DigitsQuarters(test_fraction=1.5)
