@@ -120,7 +120,9 @@ def test_readme_blocks_are_copied_from_the_reports(tmp_path, monkeypatch):
 
     _fake_study(monkeypatch)
     ctx = reproduce.run_study("fake", tmp_path / "fake", quick=True)
-    ctx.finding("a claim that fails", False, "measured")  # a second report with a disagreement
+    # A disagreement first and last: every failing claim is listed, none that agrees.
+    ctx.findings.insert(0, ("an early claim that fails", False, "measured"))
+    ctx.finding("a claim that fails", False, "measured")
     ctx.expect_full_size(5400.0, "measured")
     ctx.write()
     readme_file = tmp_path / "README.md"
@@ -131,6 +133,7 @@ def test_readme_blocks_are_copied_from_the_reports(tmp_path, monkeypatch):
                         "--readme", str(readme_file)]) == 0
     text = readme_file.read_text()
     assert "old" not in text and text.startswith("intro") and text.endswith("end\n")
-    assert "1 of 2 checks agree." in text
-    assert "| `fake` | quick | 1/2 |" in text and "| 90 min | a claim that fails |" in text
+    assert "1 of 3 checks agree." in text
+    assert "| `fake` | quick | 1/3 |" in text
+    assert "| 90 min | an early claim that fails; a claim that fails |" in text
     assert (tmp_path / "docs" / "line.png").exists()

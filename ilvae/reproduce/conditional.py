@@ -488,6 +488,10 @@ def _timing(ctx: StudyContext, cfg: dict[str, Any], kind: str,
         ctx.add_row(model="runtime estimate", size_estimated="full", data=target,
                     settings=runs, mlp_run_seconds=mlp_run, linear_run_seconds=lin_run,
                     estimated_seconds=total)
+    chosen = next(r for r in table if r["size"] == f"full, {kind}")
+    ctx.expect_full_size(chosen["total (h)"] * 3600,
+                         f"{chosen['settings']} settings on {kind}, from the per-run times and "
+                         "step costs measured here; see the Run time table")
     wall = time.time() - ctx._start
     ctx.add_table(
         "Run time", table, list(table[0]),

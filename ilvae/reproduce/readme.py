@@ -49,7 +49,8 @@ def study_line(report_dir: Path) -> str:
                      report, re.M)
     summary = report.split(_SUMMARY)[1].split("\n## ")[0]
     agree = re.search(r"(\d+) of (\d+) checks agree", summary)
-    rows = [ln.split(" | ") for ln in summary.splitlines() if ln.startswith("| ")][2:]
+    # Table lines after the header ("|---|" does not start with "| ").
+    rows = [ln.split(" | ") for ln in summary.splitlines() if ln.startswith("| ")][1:]
     disagree = [r[0].lstrip("| ").strip() for r in rows if len(r) > 1 and r[1] == "**no**"]
     return (f"| `{study}` | {size} | {agree.group(1)}/{agree.group(2) if agree else '–'} | "
             f"{wall} | {full.group(1) if full else '–'} | "
