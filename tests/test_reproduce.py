@@ -137,3 +137,33 @@ def test_readme_blocks_are_copied_from_the_reports(tmp_path, monkeypatch):
     assert "| `fake` | quick | 1/3 |" in text
     assert "| 90 min | an early claim that fails; a claim that fails |" in text
     assert (tmp_path / "docs" / "line.png").exists()
+
+
+def test_every_training_run_records_its_settings_in_the_report(tmp_path):
+    import torch
+    import yaml
+
+    from ilvae.callbacks import KLAnnealing
+    from ilvae.datamodules import ArrayDataModule
+    from ilvae.models import VAE
+    from ilvae.reproduce.common import StudyContext, fit
+
+    torch.save(torch.rand(40, 5, generator=torch.Generator().manual_seed(0)), tmp_path / "x.pt")
+    ctx = StudyContext(study="fake", out=tmp_path / "out", quick=True, seed=3)
+    with ctx:
+        dm = ArrayDataModule(path=str(tmp_path / "x.pt"), batch_size=8)
+        model = VAE(data_shape=(5,), latent_dim=2, beta=2.5,
+                    decoder={"class_path": "mlp", "init_args": {"hidden": [4]}})
+        fit(ctx, "run_a", model, dm, max_steps=3, max_epochs=-1,
+            callbacks=[KLAnnealing(length=7)])
+    saved = yaml.safe_load((tmp_path / "out" / "configs.yaml").read_text())
+    assert len(saved) == 1 and saved[0]["run"] == "run_a" and saved[0]["seed"] == 3
+    assert saved[0]["model"]["class_path"] == "ilvae.models.vae.VAE"
+    assert saved[0]["model"]["init_args"]["beta"] == 2.5
+    assert saved[0]["model"]["init_args"]["decoder"]["init_args"]["hidden"] == [4]
+    assert saved[0]["data"]["settings"]["batch_size"] == 8
+    assert saved[0]["trainer"] == {"max_steps": 3, "max_epochs": -1}
+    assert saved[0]["callbacks"][0]["class_path"].endswith("KLAnnealing")
+    assert saved[0]["callbacks"][0]["settings"]["length"] == 7
+    assert ctx.timings[0][0] == "run_a" and ctx.timings[0][2] == 3
+    assert "configs.yaml" in (tmp_path / "out" / "report.md").read_text()

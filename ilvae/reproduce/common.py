@@ -80,6 +80,8 @@ class StudyContext:
     configs: list[str] = field(default_factory=list)
     #: (run name, seconds, optimisation steps) of every training run, recorded by :func:`fit`.
     timings: list[tuple[str, float, int]] = field(default_factory=list)
+    #: Model, data, trainer and callback settings of every training run, recorded by :func:`fit`.
+    run_configs: list[dict[str, Any]] = field(default_factory=list)
     #: (seconds, how it was computed): the expected wall time of the full size, from this run.
     full_size_time: tuple[float, str] | None = None
 
@@ -176,9 +178,18 @@ class StudyContext:
         lines += ["## Environment", "",
                   markdown_table([env], list(env)), "",
                   f"Command line: `{' '.join(shlex.quote(a) for a in sys.argv)}`", ""]
-        if self.configs:
+        if self.configs or self.run_configs:
             lines += ["## Configurations", ""] + [f"```yaml\n{c.strip()}\n```\n"
                                                  for c in self.configs]
+        if self.run_configs:
+            import yaml
+
+            text = yaml.safe_dump(self.run_configs, sort_keys=False, allow_unicode=True,
+                                  default_flow_style=None, width=100)
+            (self.out / "configs.yaml").write_text(text)
+            lines += [f"Settings of all {len(self.run_configs)} training runs (also in "
+                      "[configs.yaml](configs.yaml)):", "", "<details><summary>configs.yaml"
+                      "</summary>", "", f"```yaml\n{text.strip()}\n```", "", "</details>", ""]
         (self.out / "report.md").write_text("\n".join(lines))
         payload = [dict(row, study=self.study, size=self.size, seed=row.get("seed", self.seed))
                    for row in self.rows]
@@ -186,6 +197,47 @@ class StudyContext:
 
 
 # ------------------------------------------------------------------ training
+def _plain(value: Any) -> Any:
+    """A YAML-safe rendering of a setting (callables by qualified name, tensors as lists)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() <= 16 else f"tensor of shape {tuple(value.shape)}"
+    if isinstance(value, type) or (callable(value) and hasattr(value, "__qualname__")):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)
+
+
+def _settings(obj: Any) -> dict[str, Any]:
+    """Public scalar and list attributes of a datamodule or callback."""
+    return {k: _plain(v) for k, v in vars(obj).items() if not k.startswith("_")
+            and k not in _LIGHTNING_FLAGS and isinstance(v, (str, int, float, bool, list, tuple))}
+
+
+# Lightning's own DataModule attributes, the same for every run.
+_LIGHTNING_FLAGS = {"prepare_data_per_node", "allow_zero_length_dataloader_with_multiple_devices"}
+
+
+def run_config(name: str, seed: int, model: Any, datamodule: Any,
+               trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What one training run used: model class and init arguments, data, trainer, callbacks."""
+    kwargs = dict(trainer_kwargs)
+    callbacks = kwargs.pop("callbacks", None) or []
+    cls = type(model)
+    return {"run": name, "seed": seed,
+            "model": {"class_path": f"{cls.__module__}.{cls.__qualname__}",
+                      "init_args": _plain(dict(getattr(model, "hparams", {})))},
+            "data": {"class_path": f"{type(datamodule).__module__}."
+                     f"{type(datamodule).__qualname__}", "settings": _settings(datamodule)},
+            "trainer": _plain(kwargs),
+            "callbacks": [{"class_path": f"{type(c).__module__}.{type(c).__qualname__}",
+                           "settings": _settings(c)} for c in callbacks]}
+
+
 def trainer(ctx: StudyContext, name: str, max_epochs: int | None = None,
             max_steps: int = -1, callbacks: list | None = None, **kwargs: Any) -> L.Trainer:
     """A quiet Trainer logging to TensorBoard under ``ctx.out/runs/name``."""
@@ -202,6 +254,7 @@ def fit(ctx: StudyContext, name: str, model: L.LightningModule, datamodule: Any,
         **trainer_kwargs: Any) -> float:
     """Train and return seconds per epoch."""
     L.seed_everything(ctx.seed, verbose=False)
+    ctx.run_configs.append(run_config(name, ctx.seed, model, datamodule, trainer_kwargs))
     tr = trainer(ctx, name, **trainer_kwargs)
     start = time.time()
     tr.fit(model, datamodule)
