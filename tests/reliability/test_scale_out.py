@@ -137,3 +137,26 @@ def test_bf16_mixed_training_keeps_the_inverse_lipschitz_guarantee(tmp_path):
                 return self.decoder(z)
 
     assert _inverse_lipschitz_ratio(Autocast(model.decoder), 3) >= L * (1 - 1e-5)
+
+
+def test_float16_autocast_keeps_the_gradient_map_in_float32_and_the_guarantee():
+    """`16-mixed` runs the network under float16 autocast (Lightning offers it on GPUs); on CPU
+    torch.autocast gives the same float16 casting, so the decoder's behaviour is checked here."""
+    from ilvae.decoders import ILBrenierDecoder
+
+    L = 0.5
+    torch.manual_seed(0)
+    decoder = ILBrenierDecoder(latent_dim=3, data_dim=12, hidden=[16], L=L)
+
+    class Autocast(torch.nn.Module):
+        def forward(self, z):
+            with torch.autocast("cpu", dtype=torch.float16):
+                return decoder(z)
+
+    z = torch.randn(64, 3)
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = torch.nn.Linear(3, 3)(z)  # autocast is on: a plain layer runs in float16
+        theta = decoder(z)
+    assert half.dtype == torch.float16 and theta.dtype == torch.float32
+    torch.testing.assert_close(theta, decoder(z), rtol=1e-6, atol=1e-6)  # same as float32
+    assert _inverse_lipschitz_ratio(Autocast(), 3) >= L * (1 - 1e-5)
