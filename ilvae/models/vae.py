@@ -7,14 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from ilvae.decoders.base import DecoderCallable
 from ilvae.encoders import EncoderCallable
 from ilvae.errors import ConfigurationError
-from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.models.base import EpochSum, LatentVariableModel, check_number
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import PriorCallable
 
@@ -87,26 +86,29 @@ class VAE(LatentVariableModel):
         if train:
             x = self.decoder.likelihood.prepare(x)
         out = self(x)
-        loss, terms = beta_vae_loss(out["log_px"], out["kl"], self.beta, self.free_bits)
+        loss, terms = self._loss(out["log_px"], out["kl"])
         batch_size = x.shape[0]
-        loss_term = terms.pop("loss")
-        self.log(f"{stage}/loss", loss_term, on_step=train, on_epoch=True, prog_bar=True,
-                 batch_size=batch_size)
-        self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, on_step=train,
-                      on_epoch=True, batch_size=batch_size)
+        # The loss goes to the progress bar only when there is one: Lightning converts
+        # progress-bar values to Python numbers after every step (a host synchronisation on
+        # an accelerator), whether or not a bar shows them.
+        trainer = self._trainer
+        bar = trainer is None or getattr(trainer, "progress_bar_callback", True) is not None
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value, on_step=train, on_epoch=True,
+                     prog_bar=bar and name == "loss", batch_size=batch_size)
         with torch.no_grad():
             target = x.flatten(1)
             mean = self.decoder.likelihood.mean(out["theta"])
             dtype = torch.promote_types(mean.dtype, target.dtype)
-            gamma_star = F.mse_loss(mean.to(dtype), target.to(dtype))
+            gamma_star = (mean.to(dtype) - target).square_().mean()  # mean((E[x|z] − x)²)
         if train:
-            # Each self.log call costs about as much as a small layer's forward pass, so the
-            # training step logs only what changes every step: γ* is an epoch mean kept on
-            # the device, and β and L are logged when they change (Lightning keeps an on-step
-            # value until the epoch ends, so every logging step still records them).
-            state = self.__dict__
-            state["_gamma_star_sum"] = state.get("_gamma_star_sum", 0) + gamma_star * batch_size
-            state["_gamma_star_count"] = state.get("_gamma_star_count", 0) + batch_size
+            # γ* is an epoch mean kept on the device (summed at the epoch's end), and β and L
+            # are logged when they change (Lightning keeps an on-step value until the epoch
+            # ends, so every logging step still records them).
+            gammas = self.__dict__.get("_gamma_star")
+            if gammas is None:
+                gammas = self.__dict__["_gamma_star"] = EpochSum()
+            gammas.add(gamma_star, batch_size)
             self._log_if_changed("train/beta", float(self.beta))
             if hasattr(self.decoder, "L"):
                 self._log_if_changed("train/L", float(self.decoder.L))
@@ -114,6 +116,17 @@ class VAE(LatentVariableModel):
             self.log(f"{stage}/gamma_star", gamma_star, on_step=False, on_epoch=True,
                      batch_size=batch_size)
         return loss
+
+    def _loss(self, log_px: Tensor, kl: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """:func:`~ilvae.objectives.beta_vae_loss`; without free bits the KL penalty is the
+        batch-mean KL it reports anyway, so it is computed once (and β = 1 needs no product)."""
+        beta = self.beta
+        if self.free_bits > 0 or not isinstance(beta, (int, float)) or isinstance(beta, bool):
+            return beta_vae_loss(log_px, kl, beta, self.free_bits)
+        recon = -log_px.mean()
+        kl_total = kl.sum(-1).mean()
+        loss = recon + (kl_total if beta == 1 else beta * kl_total)
+        return loss, {"loss": loss, "recon": recon, "kl": kl_total, "elbo": -(recon + kl_total)}
 
     def _log_if_changed(self, name: str, value: float) -> None:
         logged = self.__dict__.setdefault("_logged_values", {})
@@ -126,14 +139,13 @@ class VAE(LatentVariableModel):
     def on_train_epoch_start(self) -> None:
         # Lightning drops on-step values at the end of an epoch: log β and L again.
         self.__dict__["_logged_values"] = {}
-        self.__dict__.pop("_gamma_star_sum", None)
-        self.__dict__.pop("_gamma_star_count", None)
+        self.__dict__.pop("_gamma_star", None)
 
     def on_train_epoch_end(self) -> None:
-        count = self.__dict__.pop("_gamma_star_count", 0)
-        total = self.__dict__.pop("_gamma_star_sum", None)
-        if count and total is not None:
-            self.log("train/gamma_star", total / count, on_step=False, on_epoch=True)
+        gammas = self.__dict__.pop("_gamma_star", None)
+        if gammas is not None and gammas.count:
+            self.log("train/gamma_star", gammas.epoch_sum() / gammas.count, on_step=False,
+                     on_epoch=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train")

@@ -94,3 +94,188 @@ def test_autoencoder_uses_encoder_mean_and_logs_gamma_star():
     assert torch.equal(out["z"], mu)
     expected = -0.5 * ((x - ae.decode(mu)) ** 2 + math.log(2 * math.pi)).sum(1)
     assert torch.allclose(out["log_px"], expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------ fast paths of the step
+
+
+def test_step_loss_fast_path_equals_beta_vae_loss_with_gradients():
+    torch.manual_seed(0)
+    log_px = torch.randn(7, requires_grad=True)
+    kl = torch.rand(7, 3, requires_grad=True)
+    for beta in (1.0, 0.3, 0.0):
+        model = _model(beta=beta)
+        loss, terms = model._loss(log_px, kl)
+        want, want_terms = beta_vae_loss(log_px, kl, beta)
+        grads = torch.autograd.grad(loss, (log_px, kl))
+        want_grads = torch.autograd.grad(want, (log_px, kl))
+        torch.testing.assert_close(loss, want)
+        for name in ("loss", "recon", "kl", "elbo"):
+            torch.testing.assert_close(terms[name], want_terms[name])
+        for got, ref in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_standard_normal_kl_equals_torch_distributions_with_gradients(scale):
+    from ilvae.priors import StandardNormal
+
+    torch.manual_seed(0)
+    loc = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    raw = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    std = torch.nn.functional.softplus(raw) + 1e-4
+    prior = StandardNormal(3, scale=scale).double()
+    got = prior.kl(Normal(loc, std))
+    want = kl_divergence(Normal(loc, std), Normal(torch.zeros(3, dtype=torch.float64),
+                                                  torch.full((3,), scale, dtype=torch.float64)))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got.sum(), (loc, raw), retain_graph=True),
+                    torch.autograd.grad(want.sum(), (loc, raw)), strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_encoder_posterior_validation_is_kept():
+    from ilvae.encoders import MLPEncoder, finite_normal
+
+    torch.manual_seed(0)
+    encoder = MLPEncoder((4,), 2, hidden=[8])
+    x = torch.rand(3, 4)
+    posterior = encoder(x)
+    h = encoder.net(x)
+    torch.testing.assert_close(posterior.loc, h[:, :2])
+    torch.testing.assert_close(posterior.scale, torch.nn.functional.softplus(h[:, 2:]) + 1e-4)
+    # NaN data or weights: torch's own error, which the loss guard recognises
+    from ilvae.loss_guard import is_nonfinite_parameter_error
+
+    with pytest.raises(ValueError, match="Expected parameter loc") as info:
+        encoder(torch.full((3, 4), math.nan))
+    assert is_nonfinite_parameter_error(info.value)
+    # a sum that overflows while every value is finite is not an error
+    big = torch.full((2, 2), 3e38)
+    assert finite_normal(big, big[:, :1], torch.ones(2, 1)).loc.shape == (2, 1)
+
+
+# ----------------------------------------------------------- batched training-step logging
+
+
+class _Record(__import__("lightning").pytorch.loggers.Logger):
+    """In-memory logger: every ``log_metrics`` call, as floats."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    @property
+    def name(self):
+        return "record"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
+
+
+class _StepReader(__import__("lightning").pytorch.Callback):
+    reads_step_metrics = True
+
+    def __init__(self):
+        self.kl = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.kl.append(float(trainer.callback_metrics["train/kl_step"]))
+
+
+class _StopAt(__import__("lightning").pytorch.Callback):
+    """Stops the run after a given training step (like a time limit would)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def _fit_logged(tmp_path, every_step, callbacks=(), **trainer_kw):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    pl.seed_everything(0)
+    model = VAE(data_shape=(6,), latent_dim=2, beta=0.5)
+    model.log_every_step = every_step
+    x = torch.rand(70, 6, generator=torch.Generator().manual_seed(0))
+    train = DataLoader(TensorDataset(x), batch_size=8)  # 9 batches, the last one of 6
+    val = DataLoader(TensorDataset(x[:16]), batch_size=8)
+    logger = _Record()
+    options = dict(max_epochs=2, accelerator="cpu", devices=1, logger=logger,
+                   enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=4,
+                   default_root_dir=tmp_path, callbacks=list(callbacks))
+    options.update(trainer_kw)
+    trainer = pl.Trainer(**options)
+    trainer.fit(model, train, val)
+    return logger.rows, {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@pytest.mark.parametrize("trainer_kw", [{}, {"val_check_interval": 4, "max_epochs": 1},
+                                        {"max_steps": 11}, {"stop_at": 14},
+                                        {"limit_train_batches": 5}, {"log_every_n_steps": 0},
+                                        {"accumulate_grad_batches": 2}])
+def test_batched_training_logs_equal_lightning_logging_every_step(tmp_path, trainer_kw):
+    # Buffered (values handed to Lightning at logging steps, epoch ends, validation checks,
+    # a stop) and native (every step) logging write the same rows and leave the same callback
+    # metrics: step values of the logged steps, exact epoch means over every batch (the last
+    # batch of an epoch is smaller), also when a callback stops the run between logging steps.
+    trainer_kw = dict(trainer_kw)
+    stop = trainer_kw.pop("stop_at", None)
+    runs = []
+    for name, every_step in (("a", True), ("b", None)):
+        callbacks = [] if stop is None else [_StopAt(stop)]
+        runs.append(_fit_logged(tmp_path / name, every_step, callbacks, **trainer_kw))
+    (native, native_metrics), (buffered, buffered_metrics) = runs
+    assert [step for step, _ in buffered] == [step for step, _ in native]
+    for (_, got), (_, want) in zip(buffered, native, strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    written = {k for _, row in native for k in row}
+    assert written >= {"train/kl_epoch", "train/gamma_star"}
+    if trainer_kw.get("log_every_n_steps") != 0:
+        assert written >= {"train/loss_step", "train/beta"}
+    assert buffered_metrics.keys() == native_metrics.keys()
+    for key, want in native_metrics.items():
+        assert buffered_metrics[key] == pytest.approx(want, rel=1e-5, abs=1e-6), key
+
+
+def test_a_callback_reading_step_values_sees_every_step(tmp_path):
+    reader = _StepReader()
+    _fit_logged(tmp_path, every_step=None, callbacks=[reader], max_epochs=1)
+    assert len(reader.kl) == 9 and len(set(reader.kl)) == 9  # a new value every step
+
+
+def test_training_logs_wait_between_logging_steps(tmp_path):
+    import lightning.pytorch as pl
+
+    calls = []
+    native = pl.LightningModule.log
+
+    def counting(self, name, *args, **kwargs):
+        if self._current_fx_name == "training_step":
+            calls.append((self.trainer.global_step, name))
+        return native(self, name, *args, **kwargs)
+
+    pl.LightningModule.log = counting
+    try:
+        _fit_logged(tmp_path, every_step=None, max_epochs=1)
+    finally:
+        pl.LightningModule.log = native
+    # logger steps 3 and 7 (log_every_n_steps=4): the step's value; the last batch (step 8):
+    # the earlier values of the epoch as one entry, then the step's value
+    assert sorted({step for step, _ in calls}) == [3, 7, 8]
+    loss = [step for step, name in calls if name == "train/loss"]
+    assert loss == [3, 7, 8, 8]
