@@ -5,7 +5,8 @@ and the machine they were measured on) and ``DIR/benchmarks.md``, and print the 
 Groups (``--only``): framework (``ilvae fit`` vs a hand-written loop and pythae), decoders (IL
 Brenier explicit vs autograd gradient, IL vs MLP decoder), metrics (IW-NLL and CollapseMonitor vs
 K forward passes), scaling (step time and memory vs batch, latent and data size), precision
-(bf16-mixed and torch.compile). ``--quick`` runs every group at reduced sizes in a few minutes.
+(bf16-mixed and torch.compile), denormals (a trained VAE's step with subnormal floats kept and
+flushed). ``--quick`` runs every group at reduced sizes in a few minutes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import brenier, framework, metrics, precision, scaling
+from benchmarks import brenier, denormals, framework, metrics, precision, scaling
 from benchmarks._common import Settings, load_average, machine
 from benchmarks.report import markdown, summary_table
 
@@ -29,6 +30,7 @@ GROUPS = {
     "metrics": metrics.run,
     "scaling": scaling.run,
     "precision": precision.run,
+    "denormals": denormals.run,
 }
 
 

@@ -2,6 +2,7 @@
 
 from ilvae.callbacks.annealing import InverseLipschitzAnnealing, KLAnnealing, TargetKLController
 from ilvae.callbacks.collapse_monitor import CollapseMonitor
+from ilvae.callbacks.denormals import FlushDenormals
 from ilvae.callbacks.fault_tolerance import NonFiniteLossGuard, RandomStateCheckpoint
 from ilvae.callbacks.fid import FID
 from ilvae.callbacks.images import ImageLogger
@@ -11,6 +12,7 @@ from ilvae.callbacks.linear_theory import LinearTheoryMonitor
 __all__ = [
     "InverseLipschitzAnnealing", "KLAnnealing", "TargetKLController",  # annealing
     "CollapseMonitor",  # collapse_monitor
+    "FlushDenormals",  # denormals
     "NonFiniteLossGuard", "RandomStateCheckpoint",  # fault_tolerance
     "FID",  # fid
     "ImageLogger",  # images

@@ -332,6 +332,10 @@ class TargetKLController(_SetsHyperParameter):
         update_every: batches per controller update.
     """
 
+    #: It reads the training KL from ``trainer.callback_metrics`` after every step, so the
+    #: model hands its training-step values to Lightning every step (see ``ilvae.models.base``).
+    reads_step_metrics = True
+
     def __init__(self, kl_target: float, target: Target = "beta", kp: float = 0.01,
                  ki: float = 0.0001, min_value: float = 0.0, max_value: float = 1.0,
                  initial: float | None = None, kl_key: str = "train/kl",

@@ -99,6 +99,7 @@ class ILVAECLI(LightningCLI):
     """LightningCLI with the data shape linked into the model and run-directory handling."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        from ilvae.callbacks.denormals import FlushDenormals
         from ilvae.callbacks.fault_tolerance import NonFiniteLossGuard
 
         parser.link_arguments("data.data_shape", "model.init_args.data_shape",
@@ -109,6 +110,8 @@ class ILVAECLI(LightningCLI):
                               apply_on="instantiate")
         # Always on; `--nonfinite.action=skip` skips non-finite batches instead of stopping.
         parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite")
+        # Always on; `--denormals.flush=false` keeps subnormal floats on the CPU.
+        parser.add_lightning_class_args(FlushDenormals, "denormals")
 
     def before_instantiate_classes(self) -> None:
         # Lightning looks for "last" only in the new run's (empty) checkpoint folder; a user

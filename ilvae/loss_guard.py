@@ -1,16 +1,18 @@
 """What a training step does with a NaN or infinite loss: stop the run, or skip the batch.
 
 Every model built on ``LatentVariableModel`` passes its training loss through
-:class:`LossGuard` (the base class wraps ``training_step``). The guard costs one device-side
-``isfinite`` per step:
+:class:`LossGuard` (the base class wraps ``training_step``). The guard costs one ``isfinite``
+per step:
 
-- ``action="stop"`` (default): the loss terms logged in the first non-finite step are recorded on
+- ``action="stop"`` (default) with ``check_every_n_steps=1`` (default), one process: the flag is
+  read every step (one scalar read) and the step's terms are recorded only when it is false.
+- ``action="stop"`` otherwise: the loss terms logged in the first non-finite step are recorded on
   the device (its step, epoch and batch index are host integers anyway), without a host
   synchronisation. Every ``check_every_n_steps`` steps, and always before a checkpoint is
   written or validation starts, the record is read and the run stops with
   :class:`~ilvae.errors.NonFiniteLossError` (under DDP the record is reduced across processes
   every step, so all of them stop together).
-  With ``check_every_n_steps=1`` (default) the step raises before its backward pass, so the
+  With ``check_every_n_steps=1`` the step raises before its backward pass, so the
   weights in memory are the last finite ones; with a larger value the run stops up to n − 1
   steps later, but nothing is saved after the bad step in either case, so the last checkpoint
   on disk is the last good one.
@@ -43,6 +45,11 @@ ACTIONS = ("stop", "skip")
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _where(trainer: Any, batch_idx: Any) -> dict[str, Any]:
+    return {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
+            "batch_idx": None if batch_idx is None else int(batch_idx)}
 
 
 def _number(value: Any) -> float:
@@ -125,8 +132,13 @@ class LossGuard:
         trainer = getattr(module, "_trainer", None)
         if not isinstance(loss, Tensor) or trainer is None:
             return output
-        where = {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-                 "batch_idx": None if batch_idx is None else int(batch_idx)}
+        if self.check_every_n_steps == 1 and self.action == "stop" and not _distributed():
+            # The flag is read every step anyway: read it directly (one operation and one
+            # scalar read) and build the record only for the step that stops the run. The
+            # device-side record costs about ten operations per step.
+            if bool(torch.isfinite(loss.detach()).all()):
+                return output
+        where = _where(trainer, batch_idx)
         if self.action == "skip":
             return self._skip(module, output, loss, terms, where)
         self._record(loss, terms, where)
@@ -143,8 +155,7 @@ class LossGuard:
         trainer = getattr(module, "_trainer", None)
         if trainer is None:
             raise error
-        where = {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-                 "batch_idx": None if batch_idx is None else int(batch_idx)}
+        where = _where(trainer, batch_idx)
         cause = str(error).strip().splitlines()[0]
         cause = cause.split(" of distribution ")[0].replace("Expected parameter ", "")
         terms = {**terms, f"non-finite distribution parameter ({cause})": math.nan}

@@ -57,15 +57,6 @@ class Autoencoder(LatentVariableModel):
                       on_epoch=True, batch_size=x.shape[0])
         return recon
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
-
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decoder.mean(self.encode(x).loc).reshape(x.shape[0], *self.data_shape)

@@ -12,7 +12,7 @@ values, no ``sync_dist``) is handed to Lightning only where Lightning's copy is 
 - everything, the epoch's earlier values as one entry weighted by their number of examples,
   at the last batch of an epoch, the last step of the run, and when a callback stops the run;
 - every step when a callback reads step values from ``trainer.callback_metrics`` while training
-  (a callback with a true ``reads_step_metrics`` attribute, ``TargetKLController``, a
+  (a callback with a true ``reads_step_metrics`` attribute such as ``TargetKLController``, a
   ``ModelCheckpoint`` that monitors a value every n training steps or on a timer, a learning-rate
   scheduler that monitors a value every step), when ``log_every_n_steps`` is 1, or when the
   model's ``log_every_step`` attribute is true.
@@ -269,6 +269,21 @@ class LatentVariableModel(L.LightningModule):
                 pass
         return torch.optim.Adam(params, lr=1e-3)
 
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: Any, stage: str) -> Tensor:
+        """The loss of one batch, logging the stage's metrics (``train``, ``val``, ``test``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _step(batch, stage) "
+                                  "or its own training_step, validation_step and test_step")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
     # --------------------------------------------------------------- helpers
     def encode(self, x: Tensor) -> Normal:
         """q(z|x) as a ``torch.distributions.Normal`` with loc/scale of shape (B, latent_dim)."""
@@ -332,6 +347,10 @@ def _guarded_step(self: LatentVariableModel, step: Any, args: tuple, kwargs: dic
                  on_epoch=False, reduce_fx="max")
     return output
 
+
+# The base class's own training step goes through the guard too (__init_subclass__ wraps the
+# steps that subclasses define).
+LatentVariableModel.training_step = _guarded(LatentVariableModel.training_step)
 
 _MEAN = ("mean", torch.mean)
 _OPTIONS = {"on_step", "on_epoch", "prog_bar", "logger", "reduce_fx", "batch_size"}
@@ -573,17 +592,10 @@ def _reads_step_values(module: LatentVariableModel, trainer: Any) -> bool:
         return bool(module.log_every_step)
     if getattr(trainer, "log_every_n_steps", 1) == 1:
         return True
-    readers: tuple[type, ...] = ()
-    try:
-        from ilvae.callbacks.annealing import TargetKLController
-
-        readers = (TargetKLController,)
-    except ImportError:
-        pass
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     for callback in trainer.callbacks:
-        if getattr(callback, "reads_step_metrics", False) or isinstance(callback, readers):
+        if getattr(callback, "reads_step_metrics", False):
             return True
         if isinstance(callback, ModelCheckpoint) and callback.monitor is not None and (
                 getattr(callback, "_every_n_train_steps", 0)

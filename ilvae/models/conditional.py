@@ -256,15 +256,6 @@ class ConditionalVAE(LatentVariableModel):
             self._kl_count += n
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
-
     def on_validation_epoch_start(self) -> None:
         self._kl_sum, self._kl_count = None, 0
 

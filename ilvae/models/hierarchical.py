@@ -342,15 +342,6 @@ class HierarchicalVAE(LatentVariableModel):
         for metric in metrics.values():
             metric.reset()
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
-
     def on_validation_epoch_end(self) -> None:
         self._log_collapse("val")
 

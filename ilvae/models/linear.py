@@ -127,15 +127,6 @@ class _LinearModel(LatentVariableModel):
                          on_epoch=False)
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
-
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Parameters of q(z|x) (q(z₁|x) for the HVAE), with the label when there is one."""
         x, y = self.unpack(batch)

@@ -430,15 +430,6 @@ class MixtureVAE(LatentVariableModel):
         metric.update(logits[labelled], y[labelled])
         self.log(f"{stage}/cluster_accuracy", metric, on_step=False, on_epoch=True)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
-
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Marginal posterior parameters, q(c|x) (and the label when the data have one)."""
         x, y = self.unpack(batch)

@@ -427,15 +427,6 @@ class TextVAE(LatentVariableModel):
                 self.log(f"{stage}/{name}", value.float(), sync_dist=False)
         metric.reset()
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
-
     def on_validation_epoch_end(self) -> None:
         self._log_nll("val")
 

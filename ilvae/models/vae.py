@@ -147,15 +147,6 @@ class VAE(LatentVariableModel):
             self.log("train/gamma_star", gammas.epoch_sum() / gammas.count, on_step=False,
                      on_epoch=True)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
-
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Posterior parameters of each example (and its label when the data have one)."""
         x, y = self.unpack(batch)

@@ -171,6 +171,30 @@ def test_stop_guard_records_on_the_device_without_reading_back_until_the_check(m
     assert info.value.report["terms"] == {"train/recon": 0.5, "train/beta": 1.0}
 
 
+def test_stop_guard_checking_every_step_reads_the_flag_and_records_only_the_bad_step():
+    """With check_every_n_steps=1 on one process the guard reads the flag directly: finite steps
+    leave no record, and the bad step's report equals the device-side record's."""
+    reports = []
+    for every in (1, 4):
+        guard = LossGuard("stop", check_every_n_steps=every)
+        module = _Module()
+        terms = {"train/recon": torch.tensor(0.5), "train/beta": 1.0}
+        for step in range(3):
+            module._trainer.global_step = step
+            guard(module, torch.tensor(float(step)), terms, step)
+        if every == 1:
+            assert guard._first is None and guard._calls == 0  # nothing recorded
+        module._trainer.global_step = 3
+        with pytest.raises(NonFiniteLossError) as info:
+            guard(module, torch.tensor(math.inf), terms, 3)
+            for step in range(4, 8):  # the device-side record is read at the 4th call after
+                guard(module, torch.tensor(1.0), terms, step)
+        reports.append({k: v for k, v in info.value.report.items() if k != "last_checkpoint"})
+    assert reports[0] == reports[1]
+    assert reports[0]["step"] == 3 and reports[0]["terms"] == {"train/recon": 0.5,
+                                                               "train/beta": 1.0}
+
+
 # ------------------------------------------------------------------------------ TextVAE
 TEXT_CONFIG = """\
 seed_everything: 7
