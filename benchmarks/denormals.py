@@ -6,7 +6,8 @@ scaled to 28×28 (nearest neighbour, so the border pixels are always 0, as in MN
 thousand steps with subnormals kept. Adam's second moments of the weights that serve always-zero
 pixels underflow into the subnormal range (their gradients are tiny but not zero), which the
 benchmark counts. From that saved state, both variants run the same steps on the same batches:
-one with subnormals kept, one with them flushed; a fresh model's step time is the reference.
+one with subnormals kept, one with them flushed (on every torch thread, as ``FlushDenormals``
+does); a fresh model's step time is the reference.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._common import Settings, interleave, row, side, skipped
+from ilvae.callbacks.denormals import set_flush_denormal
 
 GROUP = "denormals"
 BATCH = 128
@@ -84,14 +86,14 @@ def run(settings: Settings) -> list[dict[str, Any]]:
             # A copy each time: the optimiser adopts the loaded state's tensors and updates
             # them in place (a flushed run would zero the saved subnormals for the next run).
             optimizer.load_state_dict(copy.deepcopy(saved[1]))
-        torch.set_flush_denormal(flush)
+        set_flush_denormal(flush)
         try:
             _steps(model, optimizer, x, trained, 5)  # warm-up
             begin = time.perf_counter()
             _steps(model, optimizer, x, trained + 5, measured)
             return (time.perf_counter() - begin) / measured
         finally:
-            torch.set_flush_denormal(False)
+            set_flush_denormal(False)
 
     samples = interleave({"kept": lambda: resume(False), "flushed": lambda: resume(True),
                           "fresh": lambda: resume(False, fresh=True)}, settings.repeats)

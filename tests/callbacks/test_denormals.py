@@ -1,11 +1,13 @@
 """FlushDenormals: subnormal floats count as zero on the CPU while fitting, and only then."""
 
+import threading
+
 import lightning as L
 import pytest
 import torch
 
 from ilvae.callbacks import FlushDenormals
-from ilvae.callbacks.denormals import flush_denormal_enabled
+from ilvae.callbacks.denormals import _openmp_library, flush_denormal_enabled, on_every_thread
 from ilvae.cli import main
 from ilvae.errors import ConfigurationError
 from tests.test_cli import QUICKSTART, _fit
@@ -53,6 +55,40 @@ def test_without_flushing_adam_state_becomes_subnormal_with_flushing_it_is_zero(
     assert _decayed_moment(steps) == 0.0
     # a normal value is untouched
     assert _decayed_moment(100) == pytest.approx(0.1 * 0.9 ** 99, rel=1e-5)
+
+
+def _thread_modes() -> dict[int, bool]:
+    modes = {}
+
+    def probe():
+        modes[threading.get_ident()] = flush_denormal_enabled()
+
+    assert on_every_thread(probe)
+    return modes
+
+
+def test_every_intra_op_thread_flushes_during_fit_and_none_after():
+    """The mode is a per-thread flag: torch.set_flush_denormal alone leaves the intra-op
+    threads (where matrix products run) as they were."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.randn(512, 512) @ torch.randn(512, 512)  # the pool exists before the switch
+        # scikit-learn loads its own OpenMP runtime beside torch's: torch's must be picked
+        from sklearn.utils import _openmp_helpers  # noqa: F401
+        if _openmp_library() is None:
+            pytest.skip("torch's OpenMP runtime is not reachable here")
+        torch.set_flush_denormal(True)
+        modes = _thread_modes()
+        assert len(modes) == 2 and sorted(modes.values()) == [False, True]  # main thread only
+        torch.set_flush_denormal(False)
+        callback = FlushDenormals()
+        callback.setup(None, None, "fit")
+        assert list(_thread_modes().values()) == [True, True]
+        callback.teardown(None, None, "fit")
+        assert list(_thread_modes().values()) == [False, False]
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Probe(L.Callback):
