@@ -147,7 +147,8 @@ def lightning_floor(path: str, root: str, warmup: int, measured: int) -> float:
 # ------------------------------------------------------------------------------- ilvae fit
 
 
-def ilvae_args(path: str, root: str, steps: int, extra: list[str] = ()) -> list[str]:
+def ilvae_args(path: str, root: str, steps: int, extra: list[str] = (),
+               timer: str = "benchmarks._common.BatchTimer") -> list[str]:
     """``ilvae fit`` arguments of the benchmark model (the CLI's own defaults otherwise)."""
     return [
         "fit", "--model=ilvae.models.VAE", f"--model.latent_dim={LATENT}",
@@ -156,18 +157,19 @@ def ilvae_args(path: str, root: str, steps: int, extra: list[str] = ()) -> list[
         f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={root}",
         "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
         "--trainer.devices=1", "--seed_everything=0",
-        "--trainer.callbacks+=benchmarks._common.BatchTimer", *extra,
+        f"--trainer.callbacks+={timer}", *extra,
     ]
 
 
 def ilvae_fit(path: str, root: str, warmup: int, measured: int,
-              extra: list[str] = ()) -> tuple[float, Any]:
+              extra: list[str] = (), timer: str = "benchmarks._common.BatchTimer"
+              ) -> tuple[float, Any]:
     """Batches per second of ``ilvae fit`` run in-process through :func:`ilvae.cli.run`; also
     returns the CLI object (trainer, model) for checks after the run."""
     from ilvae.cli import run
 
     with quiet():
-        cli = run(ilvae_args(path, root, warmup + measured, list(extra)))
+        cli = run(ilvae_args(path, root, warmup + measured, list(extra), timer))
     timer = next(c for c in cli.trainer.callbacks if isinstance(c, BatchTimer))
     return throughput(timer.ends, warmup, measured), cli
 
@@ -262,6 +264,11 @@ def run(settings: Settings) -> list[dict[str, Any]]:
         "hand_maths_only": lambda: hand_loop(x, warmup, measured, options, metrics=False),
         "lightning_floor": lambda: lightning_floor(path, root, warmup, measured),
     }
+    # Before/after of two of ilvae's own optimisations, inside the same rounds.
+    variants["ilvae_logs_every_step"] = lambda: ilvae_fit(
+        path, root, warmup, measured, timer="benchmarks._common.StepValueReader")[0]
+    variants["ilvae_guard_record"] = lambda: ilvae_fit(
+        path, root, warmup, measured, ["--nonfinite.check_every_n_steps=2"])[0]
     if not isinstance(parts, str):
         x_np = x.numpy()
         variants["pythae"] = lambda: pythae_fit(x_np, root, warmup, measured, options, parts)
@@ -295,6 +302,19 @@ def run(settings: Settings) -> list[dict[str, Any]]:
                 notes=f"{how}; context: what ilvae adds to Lightning's loop (logging, "
                       "non-finite-loss guard, checkpoint and random-state callbacks, "
                       "TensorBoard logger, γ*, posterior validation)")]
+    every = side("ilvae fit, every training-step value handed to Lightning every step",
+                 samples["ilvae_logs_every_step"], unit)
+    rows.append(row("batched_logs_vs_every_step", GROUP, every, ours, higher_is_better=True,
+                    notes=f"{how}; before/after: a callback that reads step values makes the "
+                          "model hand every self.log value to Lightning at every step, as "
+                          "before training-step logs were batched on the device"))
+    record = side("ilvae fit, loss guard keeping its device-side record "
+                  "(--nonfinite.check_every_n_steps=2)", samples["ilvae_guard_record"], unit)
+    rows.append(row("guard_flag_vs_device_record", GROUP, record, ours, higher_is_better=True,
+                    notes=f"{how}; before/after: the default guard reads isfinite(loss) every "
+                          "step and records terms only for a bad step; the device-side record "
+                          "(about ten small operations per step, read every 2 steps here) is "
+                          "what every step cost before"))
     if isinstance(parts, str):
         rows.append(skipped("fit_vs_pythae", GROUP, parts, goal=">= 1.15"))
     else:
