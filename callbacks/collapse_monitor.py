@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ilvae.callbacks.images import tensorboard
+from ilvae.errors import ConfigurationError
 from ilvae.metrics import (
     ActiveUnits,
     EpsilonCollapse,
@@ -35,7 +36,9 @@ class CollapseMonitor(L.Callback):
     under multi-process training each process sees its shard and the values are synchronised.
     The importance-weighted NLL and the Fisher divergence cost K (resp. one extra backward)
     decoder passes per example; they use at most ``max_examples`` validation examples per process
-    (None: all). The callback reads the model only through ``encode``, ``decoder`` and ``prior``;
+    (None: all). The callback reads the model only through ``encode``, ``decoder`` and ``prior``
+    (a model whose ``collapse_monitor_unsupported`` gives a reason, such as a mixture,
+    hierarchical or conditional VAE, is refused when fitting starts);
     a model that computes its own ``val/iw_nll`` (``computes_iw_nll = True``, e.g. the text VAE)
     keeps it.
     """
@@ -62,6 +65,14 @@ class CollapseMonitor(L.Callback):
         if relative_fisher:
             self.metrics["relative_fisher"] = RelativeFisherDivergence()
         self._seen = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Refused before training starts, not after the first epoch, and never measured
+        # against the wrong prior.
+        reason = getattr(pl_module, "collapse_monitor_unsupported", None)
+        if reason:
+            raise ConfigurationError(f"CollapseMonitor cannot measure {type(pl_module).__name__}: "
+                                     f"{reason}")
 
     def _active(self, trainer: L.Trainer) -> bool:
         return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0

@@ -162,6 +162,10 @@ class LatentVariableModel(L.LightningModule):
     def loss_guard(self, guard: LossGuard) -> None:
         self.__dict__["_loss_guard"] = guard
 
+    #: Why :class:`~ilvae.callbacks.CollapseMonitor` cannot measure this model (its metrics
+    #: compare q(z|x) = ``encode(x)`` with an N(0, η² I) prior), or None when it can.
+    collapse_monitor_unsupported: str | None = None
+
     #: Hand every training-step value to Lightning at every step (see the module docstring);
     #: ``None`` decides from the trainer's callbacks and settings.
     log_every_step: bool | None = None

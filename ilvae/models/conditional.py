@@ -107,6 +107,9 @@ class ConditionalVAE(LatentVariableModel):
         optimizer, lr_scheduler: LightningCLI callables (default Adam, lr 1e-3).
     """
 
+    collapse_monitor_unsupported = ("its posterior q(z|x, y) needs the target y and its prior "
+                                   "is p(z|x); its validation step logs the KL")
+
     def __init__(self, data_shape: tuple[int, ...] = (196,),
                  target_shape: tuple[int, ...] = (588,), latent_dim: int = 16,
                  hidden: list[int] = [512], activation: str = "relu", linear: bool = False,

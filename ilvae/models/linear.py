@@ -290,6 +290,9 @@ class LinearHVAE(_LinearModel):
         optimizer, lr_scheduler: LightningCLI callables (default Adam, lr 1e-3).
     """
 
+    collapse_monitor_unsupported = ("encode(x) is q(z₁|x), whose prior p(z₁|z₂) is not "
+                                   "N(0, η² I); its validation step logs the KL of each level")
+
     _logged_weights = ("beta_1", "beta_2")
 
     def __init__(self, data_shape: tuple[int, ...] = (16,), latent_dim: int = 8,

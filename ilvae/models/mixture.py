@@ -293,6 +293,9 @@ class MixtureVAE(LatentVariableModel):
     q(c|x).
     """
 
+    collapse_monitor_unsupported = ("its prior over z is a mixture p(z|c), not N(0, η² I); "
+                                   "its validation step logs the KL terms kl_z and kl_c")
+
     def __init__(self, data_shape: tuple[int, ...] = (64,), latent_dim: int = 16,
                  num_components: int = 10, L1: float | None = None,
                  encoder: EncoderCallable | None = None,

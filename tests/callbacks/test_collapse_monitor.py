@@ -1,14 +1,20 @@
 """CollapseMonitor logs the collapse metrics of the whole validation set; checked against a
 direct computation on the final model."""
 
+from pathlib import Path
+
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
 from ilvae.callbacks import CollapseMonitor
+from ilvae.cli import main
 from ilvae.datamodules import Digits
 from ilvae.models import VAE
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_logged_metrics_equal_a_direct_computation_on_the_validation_set(tmp_path):
@@ -40,3 +46,21 @@ def test_logged_metrics_equal_a_direct_computation_on_the_validation_set(tmp_pat
     assert torch.isfinite(logged["val/iw_nll"]) and torch.isfinite(logged["val/mutual_info"])
     # the IW bound with K samples is no worse than the one-sample ELBO on average
     assert float(logged["val/iw_nll"]) <= -float(logged["val/elbo"]) + 0.5
+
+
+@pytest.mark.parametrize("config,model", [
+    ("configs/mixture/gmvae_toy.yaml", "MixtureVAE"),
+    ("configs/hierarchical/digits.yaml", "HierarchicalVAE"),
+    ("configs/linear/linear_hvae.yaml", "LinearHVAE"),
+    ("configs/conditional/cvae_digits_quarters.yaml", "ConditionalVAE"),
+])
+def test_models_it_cannot_measure_are_refused_before_training(tmp_path, capsys, config, model):
+    """Their latent code's prior is not N(0, η² I) (or q(z|x) needs more than x): one line,
+    no training step, no checkpoint."""
+    code = main(["fit", "--config", str(REPO / config), f"--trainer.default_root_dir={tmp_path}",
+                 "--trainer.callbacks+=ilvae.callbacks.CollapseMonitor",
+                 "--trainer.enable_progress_bar=false"])
+    assert code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ilvae: error")]
+    assert len(err) == 1 and f"CollapseMonitor cannot measure {model}" in err[0]
+    assert not list(tmp_path.rglob("*.ckpt"))
