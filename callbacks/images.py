@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -21,10 +23,12 @@ class ImageLogger(L.Callback):
     """Every ``every_n_epochs`` validation epochs, log to TensorBoard
 
     - ``images/reconstructions``: validation images (top rows) above E[x|z = E_q z] (bottom rows);
-    - ``images/samples``: E[x|z] for z ~ p(z) (a fixed set of draws, so epochs compare).
+    - ``images/samples``: the model's ``sample(n)``, E[x|z] for z drawn from its own prior
+      (N(0, η² I), a mixture, a hierarchy), from generators seeded by ``seed`` (the same draws
+      every epoch, and the training's random streams untouched).
 
     Only for image data (``data_shape`` = (C, H, W)); for other shapes it does nothing. It uses
-    the model's ``reconstruct`` and ``decoder``/``prior`` only, never its layers.
+    the model's ``reconstruct`` and ``sample`` only, never its layers.
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 32, seed: int = 0) -> None:
@@ -51,10 +55,30 @@ class ImageLogger(L.Callback):
             nrow = min(8, x.shape[0])
             grid = make_grid(torch.cat([x, recon]).cpu(), nrow=nrow, pad_value=1.0)
             writer.add_image("images/reconstructions", grid, step)
-            if hasattr(pl_module, "prior") and hasattr(pl_module, "decoder"):
-                gen = torch.Generator().manual_seed(self.seed)
-                z = torch.randn(self.num_images, pl_module.latent_dim, generator=gen)
-                z = z.to(pl_module.device) * getattr(pl_module.prior, "scale", 1.0)
-                samples = pl_module.decoder.mean(z).reshape(-1, *shape).clamp(0, 1)
+            samples = self._samples(pl_module, shape)
+            if samples is not None:
                 writer.add_image("images/samples", make_grid(samples.cpu(), nrow=8,
                                                              pad_value=1.0), step)
+
+    def _samples(self, pl_module: L.LightningModule, shape: tuple) -> torch.Tensor | None:
+        """The model's own ``sample(n)`` (its prior: a mixture, a hierarchy, N(0, η² I)) with the
+        random generators seeded by ``seed`` inside a fork, so that every epoch shows the same
+        draws and the training's random streams are left as they were."""
+        sample = getattr(pl_module, "sample", None)
+        if not callable(sample) or _needs_more_than_a_count(sample):
+            return None  # e.g. a conditional model, whose samples need the condition
+        device = pl_module.device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            return sample(self.num_images).reshape(-1, *shape).clamp(0, 1)
+
+
+def _needs_more_than_a_count(fn) -> bool:
+    """Whether ``fn(n)`` cannot be called with the number of samples alone."""
+    try:
+        inspect.signature(fn).bind(1)
+    except TypeError:
+        return True
+    params = list(inspect.signature(fn).parameters.values())
+    return not params or params[0].name not in ("n", "num_samples", "count")
