@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ilvae.callbacks.images import tensorboard
+from ilvae.errors import ConfigurationError
 
 
 class LatentPlot(L.Callback):
@@ -27,6 +30,15 @@ class LatentPlot(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.num_points = num_points
         self.dims = tuple(dims)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Refused before training starts rather than failing after the first epoch.
+        try:
+            inspect.signature(pl_module.encode).bind(torch.empty(0))
+        except (TypeError, AttributeError):
+            raise ConfigurationError(
+                f"LatentPlot cannot plot {type(pl_module).__name__}: it needs a model whose "
+                "encode(x) takes the data alone") from None
 
     def figure(self, loc: torch.Tensor, y: torch.Tensor, dm: object = None):
         import matplotlib

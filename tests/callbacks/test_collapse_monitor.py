@@ -64,3 +64,14 @@ def test_models_it_cannot_measure_are_refused_before_training(tmp_path, capsys, 
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ilvae: error")]
     assert len(err) == 1 and f"CollapseMonitor cannot measure {model}" in err[0]
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_latent_plot_refuses_a_model_whose_posterior_needs_more_than_x(tmp_path, capsys):
+    code = main(["fit", "--config", str(REPO / "configs/conditional/cvae_digits_quarters.yaml"),
+                 f"--trainer.default_root_dir={tmp_path}",
+                 "--trainer.callbacks+=ilvae.callbacks.LatentPlot",
+                 "--trainer.enable_progress_bar=false"])
+    assert code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ilvae: error")]
+    assert len(err) == 1 and "LatentPlot cannot plot ConditionalVAE" in err[0]
+    assert not list(tmp_path.rglob("*.ckpt"))
