@@ -76,9 +76,12 @@ class ImageLogger(L.Callback):
 
 def _needs_more_than_a_count(fn) -> bool:
     """Whether ``fn(n)`` cannot be called with the number of samples alone."""
+    signature = inspect.signature(fn)
+    params = list(signature.parameters.values())
+    if not params or params[0].name not in ("n", "num_samples", "count"):
+        return True
     try:
-        inspect.signature(fn).bind(1)
+        signature.bind(1)
     except TypeError:
         return True
-    params = list(inspect.signature(fn).parameters.values())
-    return not params or params[0].name not in ("n", "num_samples", "count")
+    return False

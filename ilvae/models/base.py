@@ -46,6 +46,10 @@ from ilvae.errors import ConfigurationError
 from ilvae.loss_guard import LossGuard, is_nonfinite_parameter_error
 from ilvae.priors import Prior, StandardNormal
 
+#: Why CollapseMonitor cannot measure a two-level model (its ``collapse_monitor_unsupported``).
+TWO_LEVEL_PRIOR = ("encode(x) is q(z₁|x), whose prior p(z₁|z₂) is not N(0, η² I); its "
+                   "validation step logs the KL of each level")
+
 
 def check_number(field: str, value: float, *, minimum: float = 0.0, strict: bool = False) -> float:
     """Raise ``ConfigurationError`` unless ``value`` is finite and ≥ (or >) ``minimum``."""

@@ -18,7 +18,7 @@ from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import EncoderCallable, MLPEncoder, check_hidden, make_activation
 from ilvae.errors import ConfigurationError
 from ilvae.metrics import ActiveUnits, KLPerDimension
-from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.models.base import TWO_LEVEL_PRIOR, LatentVariableModel, check_number
 from ilvae.priors import StandardNormal
 
 # Likelihood terms per IW chunk: keeps the K-sample passes cache-sized (as ImportanceWeightedNLL).
@@ -100,8 +100,7 @@ class HierarchicalVAE(LatentVariableModel):
         optimizer, lr_scheduler: LightningCLI callables (default Adam, lr 1e-3).
     """
 
-    collapse_monitor_unsupported = ("encode(x) is q(z₁|x), whose prior p(z₁|z₂) is not "
-                                   "N(0, η² I); its validation step logs the KL of each level")
+    collapse_monitor_unsupported = TWO_LEVEL_PRIOR
 
     #: The module logs its own two-level ``val/iw_nll``; CollapseMonitor leaves it alone.
     computes_iw_nll = True

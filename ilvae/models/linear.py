@@ -20,7 +20,7 @@ from ilvae import theory
 from ilvae.decoders.base import Decoder
 from ilvae.encoders import Encoder
 from ilvae.errors import ConfigurationError
-from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.models.base import TWO_LEVEL_PRIOR, LatentVariableModel, check_number
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import StandardNormal
 
@@ -290,8 +290,7 @@ class LinearHVAE(_LinearModel):
         optimizer, lr_scheduler: LightningCLI callables (default Adam, lr 1e-3).
     """
 
-    collapse_monitor_unsupported = ("encode(x) is q(z₁|x), whose prior p(z₁|z₂) is not "
-                                   "N(0, η² I); its validation step logs the KL of each level")
+    collapse_monitor_unsupported = TWO_LEVEL_PRIOR
 
     _logged_weights = ("beta_1", "beta_2")
 
