@@ -18,6 +18,7 @@ from ilvae.metrics import (
     MutualInformation,
     RelativeFisherDivergence,
 )
+from ilvae.metrics.kl_per_dimension import model_prior_scale
 
 
 class CollapseMonitor(L.Callback):
@@ -100,10 +101,8 @@ class CollapseMonitor(L.Callback):
         for metric in self.metrics.values():
             metric.reset()
         # KL-based metrics are measured against the model's own N(0, η² I) prior.
-        scale = getattr(getattr(pl_module, "prior", None), "scale", None)
-        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
-            for name in ("kl", "epsilon"):
-                self.metrics[name].prior_scale = float(scale)
+        for name in ("kl", "epsilon"):
+            self.metrics[name].prior_scale = model_prior_scale(pl_module)
         self._seen = 0
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
