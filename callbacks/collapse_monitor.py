@@ -18,11 +18,13 @@ from ilvae.metrics import (
     MutualInformation,
     RelativeFisherDivergence,
 )
+from ilvae.metrics.kl_per_dimension import model_prior_scale
 
 
 class CollapseMonitor(L.Callback):
-    """Every ``every_n_epochs`` validation epochs, compute the collapse metrics of
-    :mod:`ilvae.metrics` over the validation set and log them as
+    """At every ``every_n_epochs``-th epoch (epochs 0, n, 2n, …) and at the last epoch of
+    training, compute the collapse metrics of :mod:`ilvae.metrics` over the validation set and
+    log them as
 
     ``val/active_units`` (Burda et al., threshold ``au_threshold``), ``val/mutual_info``
     (aggregate posterior over the whole validation set), ``val/epsilon_collapsed`` and
@@ -31,6 +33,13 @@ class CollapseMonitor(L.Callback):
 
     The model's own ``validation_step`` logs ``val/kl``; this callback adds the per-dimension KL
     as a TensorBoard histogram (``val/kl_per_dim``) and a bar chart (``collapse/kl_per_dim``).
+
+    The last epoch is ``trainer.max_epochs − 1``, or the epoch whose validation runs once
+    ``trainer.global_step`` has reached ``trainer.max_steps``, whichever comes first, so the
+    final model is measured whenever validation runs at the end of training. Lightning does not
+    validate an epoch that ``max_steps`` cuts short (nor, with ``check_val_every_n_epoch`` > 1,
+    every last epoch), and a run stopped otherwise (early stopping, ``max_time``, an
+    interruption) is measured only on the epochs above.
 
     The metrics are torchmetrics states updated batch by batch from the validation loop, so
     under multi-process training each process sees its shard and the values are synchronised.
@@ -75,17 +84,25 @@ class CollapseMonitor(L.Callback):
                                      f"{reason}")
 
     def _active(self, trainer: L.Trainer) -> bool:
-        return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
+        if trainer.sanity_checking:
+            return False
+        return trainer.current_epoch % self.every_n_epochs == 0 or self._last_epoch(trainer)
+
+    @staticmethod
+    def _last_epoch(trainer: L.Trainer) -> bool:
+        """Whether training ends with the epoch being validated (max_epochs or max_steps)."""
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 1 and trainer.current_epoch >= max_epochs - 1:
+            return True
+        return 0 <= trainer.max_steps <= trainer.global_step
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.metrics.to(pl_module.device)
         for metric in self.metrics.values():
             metric.reset()
         # KL-based metrics are measured against the model's own N(0, η² I) prior.
-        scale = getattr(getattr(pl_module, "prior", None), "scale", None)
-        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
-            for name in ("kl", "epsilon"):
-                self.metrics[name].prior_scale = float(scale)
+        for name in ("kl", "epsilon"):
+            self.metrics[name].prior_scale = model_prior_scale(pl_module)
         self._seen = 0
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,

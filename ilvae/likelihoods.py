@@ -56,7 +56,9 @@ class Likelihood(nn.Module):
 class Bernoulli(Likelihood):
     """Bernoulli with logits θ; x in [0, 1] (grey levels are the continuous relaxation used by
     most image VAEs). ``binarize=True`` draws x ~ Bernoulli(x) anew for every training batch
-    (dynamic binarisation, as in the LIDVAE experiments); evaluation keeps the grey levels.
+    (dynamic binarisation, as in the LIDVAE experiments); evaluation keeps the grey levels and
+    also reports scores on one fixed binarisation of the test data (:func:`binarize_fixed`), the
+    numbers the literature compares.
     """
 
     name = "bernoulli"
@@ -87,6 +89,45 @@ class Bernoulli(Likelihood):
                 f"likelihood='bernoulli' needs data in [0, 1], got values in [{lo:g}, {hi:g}]; "
                 "rescale the data or use likelihood='gaussian'"
             )
+
+
+#: Seed of the fixed binarisation (:func:`binarize_fixed`). A constant, not the run's seed: every
+#: run, whatever its training seed, is scored on the same binary test images.
+BINARIZE_SEED = 0
+
+
+def binarization_generator(seed: int = BINARIZE_SEED) -> torch.Generator:
+    """The CPU generator that :func:`binarize_fixed` draws from: stream ``"binarize"`` of
+    :func:`ilvae.datamodules.base.seeded_generator`, independent of the global random state."""
+    from ilvae.datamodules.base import seeded_generator
+
+    return seeded_generator(seed, "binarize")
+
+
+def binarize_fixed(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One fixed, seeded binarisation of grey levels x ∈ [0, 1] (the binarised test set of the
+    literature, for a Bernoulli likelihood)::
+
+        x_bin = 1[u < x],   u ~ U(0, 1) of x's shape,
+
+    so E[x_bin] = x. u is drawn in float32 on the CPU from ``generator`` (default: a fresh
+    :func:`binarization_generator`), so the same x gives the same x_bin on any device, for any
+    dtype of x and whatever the global random state. The generator's stream is consumed in order:
+    calling this on consecutive blocks of rows with one generator gives the same result as one
+    call on all rows, which is how a test loop binarises a split batch by batch.
+
+    Returns a tensor of x's shape, dtype and device with values in {0, 1}.
+
+    Example:
+        >>> import torch
+        >>> x = torch.full((2, 3), 0.5)
+        >>> torch.equal(binarize_fixed(x), binarize_fixed(x))
+        True
+    """
+    if generator is None:
+        generator = binarization_generator()
+    u = torch.rand(x.shape, generator=generator, dtype=torch.float32)
+    return (u.to(x.device) < x).to(x.dtype)
 
 
 class Gaussian(Likelihood):

@@ -345,8 +345,8 @@ def linear_hvae(second_moment: Tensor, beta_1: float = 1.0, beta_2: float = 1.0,
         σ₁² < a₀ and θ ≤ β₂ η_dec²/(√β₁ σ₁):   a* = max(σ₁², θ σ₁/√β₁)          (z₂ collapses)
         σ₁² < a₀ and θ > β₂ η_dec²/(√β₁ σ₁):   a* = θ²σ₁²/(β₂ η_dec²)
 
-    so z₂ mode i collapses iff σ₁² < (β₂/β₁) η_dec² and σ₁²θ_i²/(β₂ η_dec²) ≤ (β₂/β₁) η_dec²
-    (no z₂ mode collapses when σ₁² > (β₂/β₁) η_dec²), and
+    so z₂ mode i collapses iff σ₁² ≤ (β₂/β₁) η_dec² and σ₁²θ_i²/(β₂ η_dec²) ≤ (β₂/β₁) η_dec²
+    (no z₂ mode collapses when σ₁² > (β₂/β₁) η_dec²; ties below), and
 
         ω_i = √max(0, a*_i − a₀)/η_enc,   λ_i = √(a*_i − σ₁²),   U's singular value θ_i λ_i/a*_i,
         Σ₂ = β₂ η_dec²/(β₁ ω² + c₂),  W₂'s singular value β₁ ω/(β₁ ω² + c₂),  c₂ = β₂ η_dec²/η_enc².
@@ -355,8 +355,15 @@ def linear_hvae(second_moment: Tensor, beta_1: float = 1.0, beta_2: float = 1.0,
     attach to the d₁ z₁ dimensions of largest θ (the gain from a z₂ partner does not decrease
     with θ); unpaired z₁ dimensions follow the collapsed branch; unpaired z₂ dimensions collapse.
     ``latent_dim`` = d₁ (default D), ``latent_dim_2`` = d₂ (default d₁). A learnable σ₁ is
-    outside these formulas. At σ₁² = a₀ exactly, modes with θ ≤ √β₂ η_dec have ω = 0 and are
-    counted as collapsed.
+    outside these formulas.
+
+    Ties fall on the collapsed side. METHODS §6 states the conditions with strict inequalities
+    (collapse when σ₁² < a₀ and σ₁²θ²/(β₂ η_dec²) < a₀); at equality the optimum is a* = a₀, so
+    ω = 0 and q(z₂|z₁) = p(z₂): the mode is counted as collapsed. So mode i collapses at
+    σ₁²θ_i²/(β₂ η_dec²) = a₀ (θ_i = β₂ η_dec²/(√β₁ σ₁)), and at σ₁² = a₀ the modes with
+    θ_i ≤ √β₂ η_dec collapse; no mode collapses only when σ₁² > a₀ strictly. A θ within a
+    relative 1e-9 of its threshold counts as on it, so rounding in the eigenvalues cannot move a
+    tie to the other side.
     """
     a_mat = _moment(second_moment, "second_moment")
     beta_1, beta_2, eta_enc, eta_dec, sigma_1 = (

@@ -139,3 +139,34 @@ def test_build_unknown_name_lists_known_names() -> None:
         likelihoods.build("nope", 3)
     for name in ("bernoulli", "gaussian", "gaussian_learned", "gaussian_adaptive", "categorical"):
         assert name in str(info.value)
+
+
+def test_fixed_binarisation_is_the_seeded_threshold_and_ignores_the_global_random_state() -> None:
+    from ilvae.datamodules.base import seeded_generator
+
+    x = torch.rand(64, 10, dtype=torch.float64)
+    u = torch.rand(x.shape, generator=seeded_generator(likelihoods.BINARIZE_SEED, "binarize"))
+    expected = (u.double() < x).double()
+    torch.manual_seed(1)
+    first = likelihoods.binarize_fixed(x)
+    torch.manual_seed(2)
+    torch.rand(1000)
+    second = likelihoods.binarize_fixed(x)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    # the same binary images for float32 data, and batch by batch with one generator
+    assert torch.equal(likelihoods.binarize_fixed(x.float()), expected.float())
+    gen = likelihoods.binarization_generator()
+    parts = [likelihoods.binarize_fixed(x[a:b], gen) for a, b in ((0, 7), (7, 40), (40, 64))]
+    assert torch.equal(torch.cat(parts), expected)
+
+
+def test_fixed_binarisation_is_binary_with_the_mean_of_the_grey_levels() -> None:
+    x = torch.rand(2000, 50, generator=torch.Generator().manual_seed(0))
+    x[:, 0], x[:, 1] = 0.0, 1.0
+    x_bin = likelihoods.binarize_fixed(x)
+    assert x_bin.dtype == x.dtype and set(x_bin.unique().tolist()) == {0.0, 1.0}
+    assert x_bin[:, 0].eq(0).all() and x_bin[:, 1].eq(1).all()
+    # E[x_bin] = x: the mean differs by at most 5 standard errors √(Σ x(1 − x))/n
+    std_error = float((x * (1 - x)).sum().sqrt() / x.numel())
+    assert abs(float(x_bin.mean() - x.mean())) < 5 * std_error
+    assert float((x_bin - x).abs().mean()) > 0.1  # not the grey levels themselves

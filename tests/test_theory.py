@@ -327,13 +327,32 @@ def test_linear_hvae_mode_solution_is_the_minimum_of_each_mode_problem():
 def test_linear_hvae_conditions_of_methods_section_6():
     a = _moment([3.0, 2.0, 1.2, 0.5, 0.25])
     theta = theory.linear_hvae(a).z1_theta
-    for b1, b2, ed, s1 in [(1, 1, 1, 0.5), (2, 0.5, 1, 0.3), (1, 2, 0.8, 0.6), (1, 1, 1, 1.2)]:
+    for b1, b2, ed, s1 in [(1, 1, 1, 0.45), (2, 0.5, 1, 0.3), (1, 2, 0.8, 0.6), (1, 1, 1, 1.2)]:
         pred = theory.linear_hvae(a, b1, b2, 1.0, ed, s1)
         a0 = b2 / b1 * ed**2
-        expected = (s1**2 < a0) & (s1**2 * theta**2 / (b2 * ed**2) < a0)
+        ratio = s1**2 * theta**2 / (b2 * ed**2)
+        # every case lies clearly on one side of both conditions (ties: the next test)
+        assert abs(s1**2 / a0 - 1) > 0.01 and ((ratio / a0 - 1).abs() > 0.01).all()
+        expected = (s1**2 < a0) & (ratio < a0)
         assert torch.equal(pred.collapsed, expected)
         if s1**2 > a0:
             assert not pred.collapsed.any()
+
+
+def test_linear_hvae_ties_fall_on_the_collapsed_side():
+    """Powers of two make both ties exact in floating point: θ = 2, σ₁ = ½ gives
+    σ₁²θ²/(β₂η_dec²) = a₀ = 1; σ₁ = 1 gives σ₁² = a₀ with θ = 1 = √β₂ η_dec. At a tie the optimum
+    has ω = 0 (the z₂ mode is unused), so it counts as collapsed."""
+    a = torch.diag(torch.tensor([16.0, 4.0, 1.0, 0.25], dtype=torch.float64))  # θ = 4, 2, 1, ½
+    theta = theory.linear_hvae(a).z1_theta
+    assert theta.tolist() == [4.0, 2.0, 1.0, 0.5]
+    pred = theory.linear_hvae(a, 1.0, 1.0, 1.0, 1.0, 0.5)
+    assert 0.5**2 * 2.0**2 / 1.0 == 1.0  # the θ = 2 mode is exactly on σ₁²θ²/(β₂η_dec²) = a₀
+    assert pred.collapsed.tolist() == [False, True, True, True]
+    assert pred.singular_values[1] == 0
+    pred = theory.linear_hvae(a, 1.0, 1.0, 1.0, 1.0, 1.0)  # σ₁² = a₀ = 1
+    assert pred.collapsed.tolist() == [False, False, True, True]
+    assert pred.singular_values[2:].eq(0).all() and (pred.singular_values[:2] > 0).all()
 
 
 def test_smaller_beta_2_larger_beta_1_smaller_eta_dec_larger_sigma_1_protect_z2():

@@ -16,6 +16,15 @@ def _check_prior_scale(prior_scale: float) -> float:
     return float(prior_scale)
 
 
+def model_prior_scale(model: object) -> float:
+    """η of a model's N(0, η² I) prior (``model.prior.scale``, a one-element tensor), or 1 when
+    the prior has no such scale: the ``prior_scale`` to measure the model's KL against."""
+    scale = getattr(getattr(model, "prior", None), "scale", None)
+    if isinstance(scale, Tensor) and scale.numel() == 1:
+        return float(scale)
+    return 1.0
+
+
 def _kl_normal(posterior: Normal, prior_scale: float) -> Tensor:
     """KL(N(μ, s²) ‖ N(0, η²)) per example and dimension, in float64: shape (B, m)."""
     loc = posterior.loc.detach().double()

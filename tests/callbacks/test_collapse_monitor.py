@@ -75,3 +75,44 @@ def test_latent_plot_refuses_a_model_whose_posterior_needs_more_than_x(tmp_path,
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ilvae: error")]
     assert len(err) == 1 and "LatentPlot cannot plot ConditionalVAE" in err[0]
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def _tiny_fit(tmp_path, monitor, **limits):
+    """Fit a tiny VAE on 32 random 6-pixel images (4 batches per epoch); return the epochs at
+    which ``val/active_units`` was logged, read back from the CSV logger's file."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.rand(32, 6)
+    model = VAE(data_shape=(6,), latent_dim=2,
+                encoder={"class_path": "ilvae.encoders.MLPEncoder", "init_args": {"hidden": [8]}},
+                decoder={"class_path": "mlp", "init_args": {"hidden": [8]}})
+    logger = CSVLogger(tmp_path, name="run", version="")
+    trainer = L.Trainer(callbacks=[monitor], logger=logger, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, **limits)
+    trainer.fit(model, DataLoader(TensorDataset(x), batch_size=8),
+                DataLoader(TensorDataset(x[:16]), batch_size=8))
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [int(r["epoch"]) for r in rows if r.get("val/active_units")], trainer
+
+
+def test_the_last_epoch_is_measured_besides_every_nth(tmp_path):
+    monitor = CollapseMonitor(every_n_epochs=2, num_iw_samples=2, max_examples=8)
+    epochs, trainer = _tiny_fit(tmp_path, monitor, max_epochs=3)
+    assert epochs == [0, 2]
+    # with every_n_epochs larger than the run, the first and the final model are both measured
+    monitor = CollapseMonitor(every_n_epochs=40, num_iw_samples=2, max_examples=8)
+    epochs, _ = _tiny_fit(tmp_path / "long", monitor, max_epochs=3)
+    assert epochs == [0, 2]
+
+
+def test_the_last_epoch_of_a_run_limited_by_max_steps_is_measured(tmp_path):
+    monitor = CollapseMonitor(every_n_epochs=40, num_iw_samples=2, max_examples=8)
+    epochs, trainer = _tiny_fit(tmp_path, monitor, max_steps=12)  # 4 steps per epoch
+    assert trainer.current_epoch == 3 and trainer.global_step == 12
+    assert epochs == [0, 2]

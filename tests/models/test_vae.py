@@ -279,3 +279,57 @@ def test_training_logs_wait_between_logging_steps(tmp_path):
     assert sorted({step for step, _ in calls}) == [3, 7, 8]
     loss = [step for step, name in calls if name == "train/loss"]
     assert loss == [3, 7, 8, 8]
+
+
+def _test_metrics(model, x, seed, batch_size=7):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)
+    # the loader's own generator, so that the global stream feeds only the model's draws
+    loader = DataLoader(TensorDataset(x), batch_size=batch_size, generator=torch.Generator())
+    torch.manual_seed(seed)
+    return trainer.test(model, loader, verbose=False)[0]
+
+
+def test_test_stage_logs_the_elbo_on_the_fixed_binarisation_of_the_test_split():
+    """Hand computation: the whole split binarised at once, and per batch the draws ε of the
+    grey-level step then ε' of the binarised one (z = μ + s ε'), in the test loop's order."""
+    import torch.nn.functional as F
+
+    from ilvae.likelihoods import binarize_fixed
+
+    torch.manual_seed(0)
+    model = VAE(data_shape=(6,), latent_dim=2,
+                encoder={"class_path": "ilvae.encoders.MLPEncoder", "init_args": {"hidden": [8]}},
+                decoder={"class_path": "mlp", "init_args": {"hidden": [8]}})
+    x = torch.rand(60, 6, generator=torch.Generator().manual_seed(1))
+    logged = _test_metrics(model, x, seed=3)
+    x_bin = binarize_fixed(x)
+    torch.manual_seed(3)
+    grey, binary = [], []
+    with torch.no_grad():
+        for start in range(0, 60, 7):
+            n = len(x[start:start + 7])
+            eps_grey, eps_bin = torch.randn(n, 2), torch.randn(n, 2)
+            for data, eps, out in ((x, eps_grey, grey), (x_bin, eps_bin, binary)):
+                batch = data[start:start + 7]
+                posterior = model.encode(batch)
+                theta = model.decoder(posterior.loc + posterior.scale * eps)
+                log_px = (batch * F.logsigmoid(theta)
+                          + (1 - batch) * F.logsigmoid(-theta)).sum(1)
+                out.append(log_px - kl_divergence(posterior, Normal(0.0, 1.0)).sum(1))
+    assert math.isclose(logged["test/elbo"], float(torch.cat(grey).mean()), rel_tol=1e-5)
+    assert math.isclose(logged["test/elbo_binarized"], float(torch.cat(binary).mean()),
+                        rel_tol=1e-5)
+    # a second test run binarises the split the same way again
+    assert _test_metrics(model, x, seed=3)["test/elbo_binarized"] == logged["test/elbo_binarized"]
+
+
+def test_a_gaussian_model_logs_no_binarised_test_metric():
+    torch.manual_seed(0)
+    model = VAE(data_shape=(6,), latent_dim=2,
+                decoder={"class_path": "mlp", "init_args": {"likelihood": "gaussian"}})
+    logged = _test_metrics(model, torch.rand(20, 6), seed=0)
+    assert "test/elbo" in logged and "test/elbo_binarized" not in logged
