@@ -23,6 +23,7 @@ STUDIES = {
     "images": "ilvae.reproduce.images",
     "conditional": "ilvae.reproduce.conditional",
     "hierarchical": "ilvae.reproduce.hierarchical",
+    "il-ablation": "ilvae.reproduce.il_ablation",
 }
 
 
