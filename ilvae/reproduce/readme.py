@@ -6,8 +6,10 @@ DIR was written by `ilvae reproduce STUDY --quick --out DIR`. The block between
 ``<!-- results:begin -->`` and ``<!-- results:end -->`` in README.md is replaced by DIR's summary
 table and first plot (copied to ``docs/``); with ``--studies``, the block between
 ``<!-- studies:begin -->`` and ``<!-- studies:end -->`` gets one line per study (checks that
-agree, wall time, expected full-size time, the claims that disagree). The numbers in the README
-are exactly those of the runs that wrote the reports.
+agree, wall time, expected full-size time, the claims that disagree); with ``--il-ablation
+DIR2`` (written by `ilvae reproduce il-ablation --out DIR2`), the block between
+``<!-- il-ablation:begin -->`` and ``<!-- il-ablation:end -->`` gets that report's summary and
+tables. The numbers in the README are exactly those of the runs that wrote the reports.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 STUDIES_BEGIN, STUDIES_END = "<!-- studies:begin -->", "<!-- studies:end -->"
+IL_BEGIN, IL_END = "<!-- il-ablation:begin -->", "<!-- il-ablation:end -->"
+#: Sections of the il-ablation report copied into README.md.
+IL_SECTIONS = ("Ablation: one change at a time", "Defaults against the MLP decoder")
 _SUMMARY = "## Summary: agreement with the papers and closed forms"
 
 
@@ -36,6 +41,22 @@ def block(report_dir: Path, docs: Path) -> str:
         target = docs / Path(plot.group(2)).name
         shutil.copyfile(report_dir / plot.group(2), target)
         out += [f"![{plot.group(1)}]({target.as_posix()})", ""]
+    return "\n".join(out)
+
+
+def sections_block(report_dir: Path, headings: tuple[str, ...]) -> str:
+    """The report's size, command and summary table, then the named ``## `` sections."""
+    report = (report_dir / "report.md").read_text()
+    size = re.search(r"^Size: .*$", report, re.M).group(0)
+    command = re.search(r"^Command: .*$", report, re.M).group(0)
+    summary = report.split(_SUMMARY)[1].split("\n## ")[0].strip()
+    out = [size, "", command, "", summary, ""]
+    for heading in headings:
+        marker = f"\n## {heading}\n"
+        if marker not in report:
+            raise SystemExit(f"{report_dir / 'report.md'} has no section '{heading}'")
+        body = report.split(marker, 1)[1].split("\n## ")[0].split("\n![")[0].strip()
+        out += [f"**{heading}**", "", body, ""]
     return "\n".join(out)
 
 
@@ -76,12 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("report_dir", type=Path)
     parser.add_argument("--studies", type=Path, nargs="*", default=[],
                         help="report directories summarised one line each")
+    parser.add_argument("--il-ablation", type=Path, default=None,
+                        help="report directory of `ilvae reproduce il-ablation`")
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     args = parser.parse_args(argv)
     text = args.readme.read_text()
     text = _replace(text, BEGIN, END, block(args.report_dir, Path("docs")), args.readme)
     if args.studies:
         text = _replace(text, STUDIES_BEGIN, STUDIES_END, studies_block(args.studies),
+                        args.readme)
+    if args.il_ablation:
+        text = _replace(text, IL_BEGIN, IL_END, sections_block(args.il_ablation, IL_SECTIONS),
                         args.readme)
     args.readme.write_text(text)
     print(f"updated {args.readme} from {args.report_dir / 'report.md'}"

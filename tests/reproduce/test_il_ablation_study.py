@@ -70,3 +70,18 @@ def test_tiny_study_reports_what_its_rows_show(tmp_path, monkeypatch):
     for name in ("il_ablation.png", "il_vs_mlp.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "Expected wall time of the full size on this machine" in report
+
+    # README's il-ablation block holds the report's summary and both tables, verbatim.
+    from ilvae.reproduce import readme
+
+    readme_file = tmp_path / "README.md"
+    readme_file.write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\n"
+                           "<!-- il-ablation:begin -->\nold\n<!-- il-ablation:end -->\nend\n")
+    monkeypatch.chdir(tmp_path)
+    assert readme.main([str(tmp_path), "--il-ablation", str(tmp_path),
+                        "--readme", str(readme_file)]) == 0
+    block = readme_file.read_text().split("<!-- il-ablation:begin -->")[1]
+    assert "old" not in block
+    for heading in readme.IL_SECTIONS:
+        table = report.split(f"\n## {heading}\n")[1].split("\n## ")[0].split("\n![")[0]
+        assert f"**{heading}**" in block and table.strip() in block
