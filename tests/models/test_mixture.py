@@ -461,8 +461,8 @@ def _train_toy(L_value: float, seed: int, steps: int) -> dict[str, float]:
 @pytest.mark.slow
 def test_toy_default_reading_with_the_papers_constants_reaches_the_bayes_limit():
     """L₁ = L₂ = 5 (the paper's toy constants) in the default reading, seeds 0–2, 3000 steps:
-    q(c|x) does not collapse and the cluster accuracy is within 0.03 of the Bayes limit 0.827
-    on every seed (measured 0.817, 0.828, ... ; see the module docstring of
+    q(c|x) does not collapse and the cluster accuracy is at least 0.80 (Bayes limit 0.827) on
+    every seed (measured 0.817, 0.828, 0.830; see the module docstring of
     ilvae/models/mixture.py)."""
     for seed in (0, 1, 2):
         out = _train_toy(5.0, seed, steps=3000)
