@@ -89,16 +89,25 @@ def test_quick_toy_reports_what_its_rows_show(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())
     assert len(rows) == len(ctx.rows) > 0
     findings = dict(_findings((tmp_path / "report.md").read_text()))
-    # The inverse-Lipschitz bound is a theorem: it must hold for every trained IL model.
+    # The inverse-Lipschitz bound is a theorem for the exact posterior on the model's own data
+    # (z ~ p(z), x ~ p(x|z)): it must hold for every trained IL model, up to Monte Carlo error.
+    # With z from the encoder on test data it is only a reference value, so it is not asserted.
     bound = [r for r in rows if r["L"] == r["L"] and r["L"] > 0]
-    assert bound and all(r["relative_fisher"] >= r["relative_fisher_bound"] for r in bound)
-    assert any(ok for claim, ok in findings.items() if "Relative Fisher" in claim)
+    assert bound and all(r["relative_fisher_model"] + 3 * r["relative_fisher_model_se"]
+                         >= r["relative_fisher_bound"] for r in bound)
+    assert [ok for claim, ok in findings.items() if "model's own data" in claim] == [True]
+    # Mixture rows report KL against their own prior: kl ≥ kl_c ≥ 0, and the VAE rows have none.
+    for r in rows:
+        if r["family"] == "mixture":
+            assert r["kl"] >= r["kl_c"] >= 0
+        else:
+            assert r["kl_c"] != r["kl_c"]
     # Each reported agreement is what the rows say (no typed numbers).
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.5 <= r["bayes_accuracy"] <= 1.0
     assert (tmp_path / "toy_posterior.png").stat().st_size > 0
-    # 16 quick runs of 1000 steps were timed; the full size (60 runs × 3000 steps) is longer.
-    assert len(ctx.timings) == 16 and all(n == 1000 for _, _, n in ctx.timings)
+    # 12 quick runs of 3000 steps were timed; the full size (60 runs × 3000 steps) is longer.
+    assert len(ctx.timings) == 12 and all(n == 3000 for _, _, n in ctx.timings)
     assert ctx.full_size_time[0] > sum(t for _, t, _ in ctx.timings)
 
 

@@ -15,29 +15,52 @@ components (Rui Shu's GMVAE form) instead of sampling c, so it is differentiable
 log p(x|z) summed over data dimensions and the KL terms over latent dimensions. With β = 1 this
 is −ELBO of the joint q(c, z|x). The decoder runs K times per batch.
 
-IL-LIDMVAE, in the reading adopted by METHODS §3: the component means are μ_c = h(e_c), with
-e_c ∈ R^K the one-hot code and h an L₁-inverse-Lipschitz map, ‖h(u) − h(u′)‖ ≥ L₁‖u − u′‖, so
-every two means stay at least L₁√2 apart and q(c|x) cannot collapse by merging components; L₂ is
-the decoder's own ``L`` (``decoder=il_brenier``). The mean map h depends on ``L1``:
+IL-LIDMVAE: the paper gives two constants, "L₁ = L₂ = 5.0" on the toy data and "L₁ = L₂ = 1.5"
+on Fashion-MNIST, without saying which maps they belong to [open]. ``l1_reading`` picks one:
 
-* ``L1=None``: free means (a plain GMVAE), h(u) = uᵀM.
-* ``L1 ≥ 0`` and latent_dim ≥ K: h = Q ∘ g with g = :class:`~ilvae.decoders.ILBrenierDecoder`
-  (K → latent_dim, ``L=L1``), an L₁-inverse-Lipschitz map of all of R^K (``L1=0`` is the Brenier
-  map of LIDVAE), and Q a learned rotation of R^m (an isometry, so h keeps the constant L₁).
-  Without Q (``mean_rotation=False``) h is strongly monotone, (h(u) − h(u′))·(u − u′) ≥
-  L₁‖u − u′‖², which ties the direction μ_j − μ_i to e_j − e_i: see the measurements below.
-* ``L1 ≥ 0`` and latent_dim < K: no map R^K → R^m is injective, so the guarantee is kept on the
-  K codes only: h(u) = uᵀM with M = N · max(1, (1 + 10⁻⁵) L₁√2 / min_{i≠j}‖N_i − N_j‖), N free
-  (the margin covers rounding).
+* ``"decoder"`` (default; the official LIDGMVAE code of Wang et al., which maps the one-hot class
+  code to the component mean with a plain dense layer): the component means are free,
+  μ_c = h(e_c) = e_cᵀM, and L₁, L₂ are the constants of the decoder's two Brenier maps g₁, g₂
+  (``decoder=il_brenier`` with ``L1``, ``L2`` and ``L = L1·L2·s_min``, its whole constant). The
+  model's own ``L1`` stays ``None``; :attr:`MixtureVAE.L1` and :attr:`MixtureVAE.L2` read the
+  decoder's.
+* ``"prior_means"``: L₁ is the constant of the class code → mean map h,
+  ‖h(u) − h(u′)‖ ≥ L₁‖u − u′‖, so every two means stay at least L₁√2 apart and q(c|x) cannot
+  collapse by merging components; L₂ is the decoder's whole ``L``. h depends on ``L1``:
+
+  - ``L1=None``: free means (a plain GMVAE), h(u) = uᵀM.
+  - ``L1 ≥ 0`` and latent_dim ≥ K: h = Q ∘ g with g = :class:`~ilvae.decoders.ILBrenierDecoder`
+    (K → latent_dim, ``L=L1``), an L₁-inverse-Lipschitz map of all of R^K (``L1=0`` is the
+    Brenier map of LIDVAE), and Q a learned rotation of R^m (an isometry, so h keeps the constant
+    L₁). Without Q (``mean_rotation=False``) h is strongly monotone, (h(u) − h(u′))·(u − u′) ≥
+    L₁‖u − u′‖², which ties the direction μ_j − μ_i to e_j − e_i.
+  - ``L1 ≥ 0`` and latent_dim < K: no map R^K → R^m is injective, so the guarantee is kept on the
+    K codes only: h(u) = uᵀM with M = N · max(1, (1 + 10⁻⁵) L₁√2 / min_{i≠j}‖N_i − N_j‖), N free
+    (the margin covers rounding).
+
+Constants in data units [derived]: for an L-inverse-Lipschitz decoder f and z, z′ i.i.d.,
+tr Cov f(z) = ½E‖f(z) − f(z′)‖² ≥ L² tr Cov z, so the model's own data (Gaussian likelihood, x
+the decoder's output plus noise) have
+
+    tr Cov x ≥ L² (Σ_c p(c) tr diag σ_c² + (1/(2K²)) Σ_{i,j} ‖μ_i − μ_j‖²)
+             ≥ L₂² ((K − 1)/K · L₁²)            (reading "prior_means", L = L₂)
+
+and with σ_c fixed (``learn_prior_scale=False``) at least L² m σ_c². When the data's total
+standard deviation √(tr Cov x) is smaller, the model cannot reproduce the data's scale:
+:meth:`MixtureVAE.scale_conflict` computes this and :meth:`MixtureVAE.check_data` (at the start
+of fitting) warns in one line naming L1, L2 and the data's spread. Under reading "decoder" with
+learned σ_c the latent scale is free, so no constant conflicts with the data.
 
 :meth:`MixtureVAE.encode` returns the moment-matched Gaussian of the marginal posterior
 q(z|x) = Σ_c q(c|x) q(z|x, c) (mean Σ_c q_c m_c, variance Σ_c q_c (s_c² + m_c²) − mean²), so the
-collapse metrics and the importance-weighted NLL (with the marginal prior p(z) = Σ_c p(c) p(z|c),
-``model.prior.log_prob``) apply to this model as to the VAE.
+importance-weighted NLL (with the marginal prior p(z) = Σ_c p(c) p(z|c), ``model.prior.log_prob``)
+applies to this model as to the VAE. KL terms against the mixture prior itself:
+:meth:`MixtureVAE.kl_terms`.
 
-Measured on the two-Gaussian toy data, σ = 7.5, Bayes limit 0.827 (the slow study in the tests
-of this module: K = 2, m = 2, Gaussian likelihood σ_x = 1, MLP widths 64, ICNN widths [64, 64],
-Adam 3e-3, batch 256, 3000 steps; test-split accuracy, KL_c = E KL(q(c|x) ‖ p(c))):
+Measured on the two-Gaussian toy data, σ = 7.5, Bayes limit 0.827 (K = 2, m = 2, Gaussian
+likelihood σ_x = 1, MLP widths 64, ICNN widths [64, 64], Adam 3e-3, batch 256, 3000 steps;
+test-split accuracy, KL_c = E KL(q(c|x) ‖ p(c))). Reading "prior_means" in raw data units
+(means 14.1 apart, data spread √(tr Cov x) = 12.7):
 
 =============  ==================  ==================  ==================
 L₁ = L₂        seed 0              seed 1              seed 2
@@ -47,27 +70,31 @@ L₁ = L₂        seed 0              seed 1              seed 2
 5 (paper)      0.666, KL_c 0.376   0.683, KL_c 0.359   0.694, KL_c 0.392
 =============  ==================  ==================  ==================
 
-A plain training loop with the same settings (batches drawn with replacement) gave the same
-picture on more seeds: L = 0 collapsed q(c|x) on 2 of 6 seeds (KL_c 0.015, 0.008) and reached
-0.827–0.830 on the other 4; L = 1 reached 0.820–0.827 on 5 of 5; L = 5 gave 0.67–0.69 on 3 of 4
-seeds and put all data in one component on the fourth (0.508, KL_c = log 2).
+At L₁ = L₂ = 5 the model's own spread is at least L₁L₂/√2 = 17.7 > 12.7, so the constants fight
+the fit; the same reading on data and σ_x scaled by 3 (spread 38.2) gave 0.821–0.828. Reading
+"decoder" (default), same data and settings, decoder constant L₁L₂ (the slow test of this module):
 
-So L = 0 collapses on some seeds only, L₁ = L₂ = 1 reaches the Bayes limit on every seed tried,
-and the paper's L₁ = L₂ = 5 prevents the collapse without reaching the Bayes limit: in this
-reading the decoded means are at least L₁√2·L₂ ≈ 35 apart while the data means are 14.1 apart,
-so the separation the constants impose fights the fit. Without the rotation Q (h monotone),
-L₁ = L₂ = 5 split the data along e₂ − e₁ = (−1, 1), orthogonal to the class axis (1, 1):
-accuracy 0.532 and 0.500 (2 seeds, 30 epochs, Adam 1e-3, batch 128); Q started at the identity
-escaped that saddle only slowly (0.58–0.65 after 2000 steps).
+=============  ==================  ==================  ==================
+L₁ = L₂        seed 0              seed 1              seed 2
+=============  ==================  ==================  ==================
+0 (LIDMVAE)    0.811, KL_c 0.327   0.818, KL_c 0.274   0.824, KL_c 0.283
+5 (paper)      0.817, KL_c 0.387   0.828, KL_c 0.380   0.830, KL_c 0.333
+=============  ==================  ==================  ==================
+
+So the paper's constants reach the Bayes limit in this reading, but LIDMVAE with free means did
+not collapse on these seeds either (the paper reports that it does at σ = 7.5).
+Without the rotation Q (h monotone), reading "prior_means" at L₁ = L₂ = 5 split the data along
+e₂ − e₁ = (−1, 1), orthogonal to the class axis (1, 1): accuracy 0.532 and 0.500 (2 seeds).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributions import Normal
 from torch.nn.utils.parametrizations import orthogonal
@@ -83,6 +110,12 @@ from ilvae.priors import Prior
 
 # Relative margin by which the rescaled means exceed L₁√2, so rounding cannot undercut it.
 _MARGIN = 1e-5
+
+#: The readings of the paper's L₁ (module docstring).
+L1_READINGS = ("decoder", "prior_means")
+
+# Likelihoods whose parameter θ = decoder(z) is the mean of x in data units.
+_DATA_UNIT_LIKELIHOODS = ("gaussian", "gaussian_learned")
 
 
 class _FreeMeans(nn.Module):
@@ -216,6 +249,12 @@ class GaussianMixturePrior(Prior):
         """σ_c, shape (K, m)."""
         return self.log_scale.exp()
 
+    def variance(self) -> Tensor:
+        """Per-dimension variance of the marginal p(z), shape (m,):
+        (1/K) Σ_c (σ_c² + μ_c²) − ((1/K) Σ_c μ_c)²."""
+        means = self.means()
+        return (self.scales() ** 2 + means ** 2).mean(0) - means.mean(0) ** 2
+
     def component_log_prob(self, z: Tensor) -> Tensor:
         """log N(z; μ_c, diag σ_c²) summed over dimensions: (..., m) → (..., K)."""
         return Normal(self.means(), self.scales()).log_prob(z.unsqueeze(-2)).sum(-1)
@@ -267,15 +306,23 @@ def mixture_loss(log_px: Tensor, kl_z: Tensor, logits: Tensor,
 
 
 class MixtureVAE(LatentVariableModel):
-    """GMVAE with K learned components; IL-LIDMVAE when ``L1`` is set and the decoder is
-    ``il_brenier`` (its ``L`` is L₂). See the module docstring for the model and the loss.
+    """GMVAE with K learned components; IL-LIDMVAE with an ``il_brenier`` decoder, its
+    constants L₁, L₂ read as ``l1_reading`` says. See the module docstring for the model, the
+    loss and the two readings.
 
     Args:
         data_shape: shape of one example; supplied by the datamodule in the CLI.
         latent_dim: m.
         num_components: K.
-        L1: inverse-Lipschitz constant of the one-hot code → component-mean map h (≥ 0);
-            ``None`` gives free means (plain GMVAE). Settable later as ``model.L1``.
+        L1: with ``l1_reading="prior_means"``: inverse-Lipschitz constant of the one-hot code →
+            component-mean map h (≥ 0; settable later as ``model.L1``), ``None`` for free means
+            (plain GMVAE). With ``l1_reading="decoder"`` it must stay ``None``: L₁ and L₂ are
+            then the ``il_brenier`` decoder's ``L1`` and ``L2``.
+        l1_reading: ``"decoder"`` (default, LIDGMVAE-style: free means, L₁ and L₂ on the
+            decoder's two Brenier maps) or ``"prior_means"`` (L₁ on the mean map, L₂ the
+            decoder's ``L``). Checkpoints saved before this option existed used
+            ``"prior_means"``: load them with ``load_from_checkpoint(path,
+            l1_reading="prior_means")``.
         encoder: encoder callable ``(data_shape, latent_dim) -> Encoder`` for q(z|x, c); it is
             built with ``data_shape = (D + K,)`` and receives the flattened [x, onehot(c)].
         decoder: decoder callable ``(latent_dim, data_dim) -> Decoder`` or a registered name.
@@ -298,6 +345,7 @@ class MixtureVAE(LatentVariableModel):
 
     def __init__(self, data_shape: tuple[int, ...] = (64,), latent_dim: int = 16,
                  num_components: int = 10, L1: float | None = None,
+                 l1_reading: Literal["decoder", "prior_means"] = "decoder",
                  encoder: EncoderCallable | None = None,
                  decoder: DecoderCallable | None = None,
                  classifier_hidden: list[int] = [512],  # noqa: B006
@@ -310,6 +358,14 @@ class MixtureVAE(LatentVariableModel):
             raise ConfigurationError(f"num_components={num_components!r} is not allowed: "
                                      "expected a positive integer")
         K = int(num_components)
+        if l1_reading not in L1_READINGS:
+            raise ConfigurationError(f"l1_reading={l1_reading!r} is not allowed: expected one "
+                                     f"of {', '.join(map(repr, L1_READINGS))}")
+        if L1 is not None and l1_reading == "decoder":
+            raise ConfigurationError(
+                f"L1={L1!r} is not allowed with l1_reading='decoder': expected None (L1 and L2 "
+                "are then the il_brenier decoder's L1, L2); for L1 on the class code → mean "
+                "map set l1_reading='prior_means'")
         if L1 is not None:
             L1 = check_number("L1", L1)
         check_number("prior_scale", prior_scale, strict=True)
@@ -335,6 +391,7 @@ class MixtureVAE(LatentVariableModel):
                 "decoder likelihood='gaussian_adaptive' is not supported by MixtureVAE (its "
                 "batch variance ignores q(c|x)); use 'gaussian' or 'gaussian_learned'")
         self.num_components = K
+        self.l1_reading = l1_reading
         self.beta = check_number("beta", beta)
         self.classifier = mlp([self.data_dim, *classifier_hidden, K], "relu")
         num_classes = K if num_classes is None else num_classes
@@ -346,12 +403,65 @@ class MixtureVAE(LatentVariableModel):
 
     @property
     def L1(self) -> float | None:
-        """Guaranteed inverse-Lipschitz constant of the class → mean map (None: free means)."""
-        return self.prior.L
+        """The paper's L₁ under ``l1_reading``: the constant of the class → mean map
+        ("prior_means"; None for free means) or of the decoder's g₁ ("decoder"; None for a
+        decoder without one)."""
+        if self.l1_reading == "prior_means":
+            return self.prior.L
+        return _decoder_constant(self.decoder, "L1")
 
     @L1.setter
     def L1(self, value: float) -> None:
+        if self.l1_reading == "decoder":
+            raise ConfigurationError("L1 cannot be set with l1_reading='decoder': it is the "
+                                     "decoder's; anneal model.decoder.L instead")
         self.prior.L = value
+
+    @property
+    def L2(self) -> float | None:
+        """The paper's L₂ under ``l1_reading``: the decoder's whole constant ``L``
+        ("prior_means") or the constant of its g₂ ("decoder"); None for a decoder without one."""
+        name = "L" if self.l1_reading == "prior_means" else "L2"
+        return _decoder_constant(self.decoder, name)
+
+    # --------------------------------------------------------- data scale
+    def scale_conflict(self, x: Tensor) -> str | None:
+        """A one-line message when the constants cannot fit data ``x`` of shape (N, ...), else
+        None. For a Gaussian likelihood the model's own data have (module docstring)
+
+            √(tr Cov x) ≥ L · √(between + within),  between = (K − 1)/K · L₁² ("prior_means"),
+            within = m σ_c² (fixed σ_c),
+
+        L the decoder's whole constant; the data's spread is their √(tr Cov x).
+        """
+        L = _decoder_constant(self.decoder, "L")
+        if not L or self.decoder.likelihood.name not in _DATA_UNIT_LIKELIHOODS:
+            return None
+        K = self.num_components
+        between = (K - 1) / K * self.prior.L ** 2 if self.prior.L else 0.0
+        within = 0.0 if isinstance(self.prior.log_scale, nn.Parameter) else float(
+            self.prior.scales().detach().pow(2).sum(-1).min())
+        needed = L * math.sqrt(between + within)
+        xf = x.detach().flatten(1).double()
+        spread = math.sqrt(float(xf.var(0).sum())) if xf.shape[0] > 1 else 0.0
+        if needed <= spread:
+            return None
+        scale = "" if within == 0 else \
+            f", fixed prior_scale={float(self.prior.scales().min()):g}"
+        return (f"l1_reading={self.l1_reading!r} with L1={_fmt(self.L1)}, L2={_fmt(self.L2)}"
+                f"{scale} (K={K}) makes the model's data spread √(tr Cov x) at least "
+                f"{needed:.3g}, more than the data's spread {spread:.3g}: the constants are in "
+                "other units than the data; rescale the data (and sigma) or lower L1, L2")
+
+    def check_data(self, datamodule: Any) -> None:
+        """The base checks, then a one-line warning when the constants L1, L2 cannot fit the
+        training data's scale (:meth:`scale_conflict`)."""
+        super().check_data(datamodule)
+        if datamodule is None or not hasattr(datamodule, "tensors"):
+            return
+        message = self.scale_conflict(datamodule.tensors("fit")[0])
+        if message is not None:
+            rank_zero_warn(message)
 
     # ----------------------------------------------------------------- maths
     def cluster_logits(self, x: Tensor) -> Tensor:
@@ -379,6 +489,21 @@ class MixtureVAE(LatentVariableModel):
         loc = (weights * q.loc).sum(0)
         second = (weights * (q.scale ** 2 + q.loc ** 2)).sum(0)
         return Normal(loc, (second - loc ** 2).clamp_min(0).sqrt().clamp_min(1e-12))
+
+    @torch.no_grad()
+    def kl_terms(self, x: Tensor) -> dict[str, Tensor]:
+        """KL of the mixture's ELBO against its own prior, closed form, averaged over x:
+
+            kl_per_dim_i = E_x Σ_c q(c|x) KL(q(z_i|x, c) ‖ p(z_i|c))   (m,)
+            kl_z = Σ_i kl_per_dim_i,   kl_c = E_x KL(q(c|x) ‖ p(c)),   kl = kl_z + kl_c.
+        """
+        xf = x.flatten(1)
+        log_q = torch.log_softmax(self.cluster_logits(xf), dim=-1)
+        per_dim = self.prior.component_kl(self.component_posterior(xf))  # (K, B, m)
+        kl_per_dim = (log_q.exp().t().unsqueeze(-1) * per_dim).sum(0).mean(0)
+        kl_c = (log_q.exp() * (log_q + math.log(self.num_components))).sum(-1).mean()
+        kl_z = kl_per_dim.sum()
+        return {"kl_per_dim": kl_per_dim, "kl_z": kl_z, "kl_c": kl_c, "kl": kl_z + kl_c}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """One enumerated pass: ``logits`` (B, K) of q(c|x), ``posterior`` q(z|x, c) (K, B, m),
@@ -415,8 +540,8 @@ class MixtureVAE(LatentVariableModel):
             self.log("train/beta", float(self.beta), on_step=True, on_epoch=False)
             if hasattr(self.decoder, "L"):
                 self.log("train/L", float(self.decoder.L), on_step=True, on_epoch=False)
-            if self.L1 is not None:
-                self.log("train/L1", float(self.L1), on_step=True, on_epoch=False)
+            if self.prior.L is not None:
+                self.log("train/L1", float(self.prior.L), on_step=True, on_epoch=False)
         elif y is not None:
             self._update_accuracy(out["logits"].detach(), y, stage)
         return loss
@@ -459,4 +584,14 @@ class MixtureVAE(LatentVariableModel):
         return self.decoder.mean(loc).reshape(x.shape[0], *self.data_shape)
 
 
-__all__ = ["GaussianMixturePrior", "MixtureVAE", "mixture_loss"]
+def _fmt(value: float | None) -> str:
+    return "None" if value is None else f"{value:g}"
+
+
+def _decoder_constant(decoder: nn.Module, name: str) -> float | None:
+    """``decoder.L`` / ``L1`` / ``L2`` as a float, None for a decoder without constants."""
+    value = getattr(decoder, name, None) if hasattr(decoder, "L") else None
+    return None if value is None else float(value)
+
+
+__all__ = ["L1_READINGS", "GaussianMixturePrior", "MixtureVAE", "mixture_loss"]

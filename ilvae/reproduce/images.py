@@ -154,6 +154,7 @@ def _mixtures(ctx: StudyContext, data_name: str, dm, epochs: int) -> None:
     for name, L, decoder in variants:
         torch.manual_seed(ctx.seed)
         model = MixtureVAE(data_shape=dm.data_shape, latent_dim=16, num_components=10, L1=L,
+                           l1_reading="prior_means",
                            classifier_hidden=[256], decoder=decoder,
                            encoder={"class_path": "ilvae.encoders.MLPEncoder",
                                     "init_args": {"hidden": [256]}})
