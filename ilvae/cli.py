@@ -17,14 +17,19 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import set_loader
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from ilvae import registry
 from ilvae.checkpointing import AtomicCheckpointIO, check_checkpoint, has_checkpoint_io
@@ -95,8 +100,132 @@ def find_last_checkpoint(root: str | os.PathLike) -> str | None:
     return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
 
 
+def next_run_dir(root: str | os.PathLike) -> str:
+    """``root/lightning_logs/version_N``, N one past the highest existing version: the folder
+    Lightning's TensorBoard logger gives the next run, here for a run without a logger."""
+    base = os.path.join(str(root), "lightning_logs")
+    fs = get_filesystem(base)
+    versions = [-1]
+    if fs.isdir(base):
+        for entry in fs.listdir(base, detail=False):
+            name = os.path.basename(str(entry).rstrip("/"))
+            if name.startswith("version_") and name[len("version_"):].isdigit():
+                versions.append(int(name[len("version_"):]))
+    return os.path.join(base, f"version_{max(versions) + 1}")
+
+
+def _section(config: Any) -> Any:
+    """The part of a parsed configuration for the subcommand being run."""
+    subcommand = config.get("subcommand")
+    return config[subcommand] if subcommand else config
+
+
+# What torch and Lightning raise for arguments they refuse while a run is being set up.
+_SETUP_ERRORS = (MisconfigurationException, ValueError, TypeError)
+_MUST = re.compile(r"`(\w+)` must be (.+?)\.(?:\s|$)")
+_NAMED = re.compile(r"`(\w+)(?:=[^`]*)?`|\b(\w+)=")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _field(key: str) -> str:
+    """A parsed configuration key as users write it: ``model.optimizer.lr``."""
+    return ".".join(part for part in key.split(".") if part not in ("init_args", "class_path"))
+
+
+def _culprit(build: Any, kwargs: dict[str, Any]) -> tuple[str | None, BaseException | None]:
+    """``(None, None)`` if ``build(**kwargs)`` works; else the argument whose default makes it
+    work (None if no single one does) and the error the full call raised."""
+    try:
+        build(**kwargs)
+    except _SETUP_ERRORS as exc:
+        error = exc
+    else:
+        return None, None
+    for name in kwargs:
+        try:
+            build(**{k: v for k, v in kwargs.items() if k != name})
+        except _SETUP_ERRORS:
+            continue
+        return name, error
+    return None, error
+
+
+def check_optimizers(config: Any) -> None:
+    """Build every optimiser and learning-rate scheduler that ``config`` names on a stand-in
+    parameter, so that an argument torch refuses (``lr=-1``) is reported, naming its field,
+    before anything is built or written; the model builds the real ones when fitting starts."""
+    from ilvae._config import import_class
+
+    kinds = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
+             torch.optim.lr_scheduler.ReduceLROnPlateau)
+    found = []
+    for key, class_path in config.items():
+        if key.rpartition(".")[2] != "class_path" or not isinstance(class_path, str):
+            continue
+        try:
+            cls = import_class(class_path)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, kinds)):
+            continue
+        prefix = key[:-len("class_path")]
+        init = config.get(prefix + "init_args")
+        kwargs = dict(vars(init)) if init is not None else {}
+        if any(hasattr(value, "class_path") for value in kwargs.values()):
+            continue  # nested classes: left to the real build
+        is_optimizer = issubclass(cls, torch.optim.Optimizer)
+        found.append((not is_optimizer, prefix.rstrip("."), class_path, cls, kwargs))
+
+    def stand_in() -> list[torch.nn.Parameter]:
+        return [torch.nn.Parameter(torch.zeros(1))]
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.Adam(stand_in())
+
+    for is_scheduler, key, class_path, cls, kwargs in sorted(found, key=lambda row: row[0]):
+        def build(_cls: Any = cls, _sched: bool = is_scheduler, **args: Any) -> Any:
+            return _cls(optimizer() if _sched else stand_in(), **args)
+
+        name, error = _culprit(build, kwargs)
+        if error is None:
+            if not is_scheduler:  # schedulers are checked against the configured optimiser
+                def optimizer(_cls: Any = cls, _args: dict = kwargs) -> torch.optim.Optimizer:
+                    return _cls(stand_in(), **_args)
+            continue
+        if name is None:
+            raise ConfigurationError(f"{_field(key)}={class_path!r} is not allowed with these "
+                                     f"arguments: {_first_line(error)}") from error
+        raise ConfigurationError(f"{_field(key)}.{name}={kwargs[name]!r} is not allowed: "
+                                 f"expected a value {class_path} accepts "
+                                 f"({_first_line(error)})") from error
+
+
+def trainer_error_line(exc: BaseException, trainer_args: Any) -> str:
+    """One line naming the Trainer argument that Lightning refused, from its message."""
+    message = _first_line(exc)
+    must = _MUST.search(message)
+    if must and must.group(1) in trainer_args:
+        key = must.group(1)
+        return f"trainer.{key}={trainer_args[key]!r} is not allowed: expected {must.group(2)}"
+    for match in _NAMED.finditer(message):
+        key = match.group(1) or match.group(2)
+        if key in trainer_args:
+            return f"trainer.{key}={trainer_args[key]!r} is not allowed: {message}"
+    return f"trainer: {message}"
+
+
 class ILVAECLI(LightningCLI):
-    """LightningCLI with the data shape linked into the model and run-directory handling."""
+    """LightningCLI with the data shape linked into the model and run-directory handling.
+
+    Built on LightningCLI's public hooks only: ``parse_arguments`` (checkpoint file check),
+    ``before_instantiate_classes`` (``--ckpt_path=last``, optimiser arguments),
+    ``instantiate_trainer`` (checkpointing, run folders, Trainer arguments) and the
+    ``before_<subcommand>``/``after_fit`` hooks (checks on the built model and data, summary).
+    """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         from ilvae.callbacks.denormals import FlushDenormals
@@ -113,10 +242,18 @@ class ILVAECLI(LightningCLI):
         # Always on; `--denormals.flush=false` keeps subnormal floats on the CPU.
         parser.add_lightning_class_args(FlushDenormals, "denormals")
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads the checkpoint's hyper-parameters right after parsing, before any
+        # hook: check the file first so that a bad one gets a clear error naming it.
+        self._check_ckpt_path(_section(self.config))
+
     def before_instantiate_classes(self) -> None:
+        config = _section(self.config)
+        if self.subcommand == "fit":
+            check_optimizers(config)
         # Lightning looks for "last" only in the new run's (empty) checkpoint folder; a user
         # resuming means the latest run under the root directory.
-        config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("ckpt_path") == "last":
             root = config.trainer.default_root_dir or os.getcwd()
             found = find_last_checkpoint(root)
@@ -140,15 +277,7 @@ class ILVAECLI(LightningCLI):
         checkpoint = check_checkpoint(ckpt, config.get("weights_only", True))
         self._checked_ckpt = (ckpt, checkpoint.get("hyper_parameters") or {})
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyper-parameters here, before any hook: check
-        # the file first so that a bad one gets a clear error naming it.
-        subcommand = self.config.get("subcommand")
-        if subcommand:
-            self._check_ckpt_path(self.config[subcommand])
-        super()._parse_ckpt_path()
-
-    def _preflight(self) -> None:
+    def _check_model_and_data(self) -> None:
         """Checks that need the instantiated model and data, before anything is written."""
         model, datamodule = self.model, self.datamodule
         hparams = getattr(self, "_checked_ckpt", (None, {}))[1]
@@ -174,6 +303,11 @@ class ILVAECLI(LightningCLI):
                 or type(model).check_data is not LatentVariableModel.check_data):
             model.check_data(datamodule)
 
+    def _preflight(self) -> None:
+        self._check_model_and_data()
+        # From here on errors come from running the subcommand, not from the configuration.
+        _STATE["running"] = True
+
     def before_fit(self) -> None:
         self._preflight()
 
@@ -187,35 +321,50 @@ class ILVAECLI(LightningCLI):
         self._preflight()
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
+        config = {**(_section(self.config_init).get("trainer") or {}), **kwargs}
         # Atomic checkpoint writes unless the configuration names its own CheckpointIO.
-        config = self._get(self.config_init, "trainer", default={}) or {}
-        plugins = kwargs.get("plugins", config.get("plugins"))
+        plugins = config.get("plugins")
         if not has_checkpoint_io(plugins):
             plugins = [] if plugins is None else list(plugins) if isinstance(
                 plugins, (list, tuple)) else [plugins]
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        # From here on errors come from training, not from the user's configuration.
-        _STATE["running"] = True
-        super()._run_subcommand(subcommand)
+        # `last.ckpt` is always kept (for --ckpt_path=last), unless checkpointing is off.
+        if config.get("enable_checkpointing") is not False:
+            callbacks = config.get("callbacks")
+            callbacks = [] if callbacks is None else list(callbacks) if isinstance(
+                callbacks, (list, tuple)) else [callbacks]
+            kwargs["callbacks"] = [*callbacks, ModelCheckpoint(save_last=True)]
+        # Without a logger Lightning writes a run's config and checkpoints straight into the
+        # root directory, where the next such run would collide with them: each run gets its
+        # own folder instead, numbered like the logger's (the saved config keeps the root).
+        if config.get("logger") is False or config.get("logger") == []:
+            kwargs["default_root_dir"] = next_run_dir(config.get("default_root_dir")
+                                                      or os.getcwd())
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except _SETUP_ERRORS as exc:
+            raise ConfigurationError(trainer_error_line(exc, config)) from exc
 
     def after_fit(self) -> None:
         trainer = self.trainer
         log_dir = trainer.log_dir  # a collective under DDP: every process must ask
         if trainer.is_global_zero:
-            ckpt = trainer.checkpoint_callback
             print(f"ilvae: run directory: {log_dir}")
-            if ckpt is not None and getattr(ckpt, "dirpath", None):
-                print(f"ilvae: checkpoints: {ckpt.dirpath}")
-            print(f"ilvae: view with: tensorboard --logdir {log_dir}")
+            dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+            if dirpath and get_filesystem(dirpath).isdir(dirpath):
+                print(f"ilvae: checkpoints: {dirpath}")
+            board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)),
+                         None)
+            if board is not None:
+                print(f"ilvae: view with: tensorboard --logdir {board.log_dir}")
 
 
 def _trainer_defaults() -> dict[str, Any]:
     from ilvae.callbacks.fault_tolerance import RandomStateCheckpoint
 
-    return {"callbacks": [ModelCheckpoint(save_last=True), RandomStateCheckpoint()]}
+    # ModelCheckpoint(save_last=True) is added by ILVAECLI.instantiate_trainer when
+    # checkpointing is on.
+    return {"callbacks": [RandomStateCheckpoint()]}
 
 
 def list_decoders(stream: Any = None) -> int:
@@ -345,6 +494,10 @@ def run(args: list[str] | None = None) -> ILVAECLI:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # The command line reaches LightningCLI as `args` (after decoder names are resolved),
+        # which it would otherwise warn about on every run.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["decoders"]:
         return list_decoders()
