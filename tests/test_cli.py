@@ -59,10 +59,10 @@ def test_quickstart_writes_tensorboard_scalars_and_checkpoints(tmp_path, capsys)
     # the logged ELBO is the negative of recon + kl for the same validation pass
     elbo, kl = scalars["val/elbo"][-1], scalars["val/kl"][-1]
     assert elbo == pytest.approx(-(scalars["val/recon"][-1] + kl), rel=1e-5)
-    # the quickstart's CollapseMonitor, ImageLogger and LatentPlot (first epoch)
+    # the quickstart's CollapseMonitor (first and last epoch), ImageLogger and LatentPlot
     for tag in ("val/active_units", "val/mutual_info", "val/iw_nll", "val/relative_fisher",
                 "val/epsilon_collapsed"):
-        assert len(scalars[tag]) == 1, tag
+        assert len(scalars[tag]) == 2, tag
     assert 0 <= scalars["val/active_units"][0] <= 8
     tags = _events(log_dir).Tags()
     assert "val/kl_per_dim" in tags["histograms"]
@@ -146,6 +146,82 @@ def test_bad_configuration_is_one_line_naming_the_field(tmp_path, capsys, arg, f
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ilvae: error")]
     assert len(err) == 1 and field in err[0]
     assert not any(tmp_path.iterdir())  # nothing written before the error
+
+
+DIGITS = ["fit", "--config", str(REPO / "configs" / "digits" / "mlp.yaml"),
+          "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def test_runs_without_a_logger_each_keep_their_own_config_and_checkpoints(tmp_path, capsys):
+    args = [*DIGITS, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"]
+    assert main(args) == 0
+    first = tmp_path / "lightning_logs" / "version_0"
+    first_config = (first / "config.yaml").read_bytes()
+    first_ckpt = (first / "checkpoints" / "last.ckpt").read_bytes()
+    assert main([*args, "--model.optimizer.lr=0.002"]) == 0
+    second = tmp_path / "lightning_logs" / "version_1"
+    # the first run's files are untouched; the second run's are its own
+    assert (first / "config.yaml").read_bytes() == first_config
+    assert (first / "checkpoints" / "last.ckpt").read_bytes() == first_ckpt
+    assert "lr: 0.002" in (second / "config.yaml").read_text()
+    assert "lr: 0.002" not in first_config.decode()
+    assert (second / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "config.yaml").exists()
+    out = capsys.readouterr().out
+    assert f"run directory: {first}" in out and f"run directory: {second}" in out
+    assert "tensorboard" not in out  # nothing was logged to view
+
+
+def test_checkpointing_off_trains_and_writes_no_checkpoint(tmp_path, capsys):
+    cli = run([*DIGITS, f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.enable_checkpointing=false"])
+    assert cli.trainer.global_step == 2
+    assert cli.trainer.checkpoint_callback is None
+    assert not list(tmp_path.rglob("*.ckpt"))
+    assert not list(tmp_path.rglob("checkpoints"))
+    out = capsys.readouterr().out
+    assert "run directory:" in out and "checkpoints:" not in out
+
+
+@pytest.mark.parametrize("arg,line", [
+    ("--model.optimizer.lr=-1", "model.optimizer.lr=-1.0 is not allowed: expected a value "
+                                "torch.optim.Adam accepts (Invalid learning rate: -1.0)"),
+    ("--model.optimizer.betas=[0.9, 1.5]", "model.optimizer.betas=(0.9, 1.5) is not allowed"),
+    ("--trainer.max_epochs=-5", "trainer.max_epochs=-5 is not allowed: expected a "
+                                "non-negative integer or -1"),
+])
+def test_argument_refused_by_torch_or_lightning_is_one_line_naming_the_field(tmp_path, capsys,
+                                                                             arg, line):
+    code = main([*DIGITS, f"--trainer.default_root_dir={tmp_path}", arg])
+    assert code == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("ilvae: error")]
+    assert len(errors) == 1 and errors[0].startswith(f"ilvae: error: {line}")
+    field = line.split("=")[0]
+    assert [ln for ln in err.splitlines() if field in ln] == errors
+    assert "Traceback" not in err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing written
+
+
+def test_debug_variable_shows_the_traceback_of_a_refused_argument(tmp_path, capsys,
+                                                                  monkeypatch):
+    monkeypatch.setenv("ILVAE_DEBUG", "1")
+    code = main([*DIGITS, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=-5"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "MisconfigurationException" in err
+    assert "ilvae: error: trainer.max_epochs=-5 is not allowed" in err
+
+
+def test_cli_overrides_no_private_lightning_cli_method():
+    from lightning.pytorch.cli import LightningCLI
+
+    from ilvae.cli import ILVAECLI
+
+    private = [name for name in vars(ILVAECLI) if name.startswith("_")
+               and not name.startswith("__") and hasattr(LightningCLI, name)]
+    assert private == []
 
 
 def test_print_config_shows_the_resolved_decoder_class(capsys):
