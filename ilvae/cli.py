@@ -211,10 +211,17 @@ def trainer_error_line(exc: BaseException, trainer_args: Any) -> str:
     if must and must.group(1) in trainer_args:
         key = must.group(1)
         return f"trainer.{key}={trainer_args[key]!r} is not allowed: expected {must.group(2)}"
-    for match in _NAMED.finditer(message):
-        key = match.group(1) or match.group(2)
-        if key in trainer_args:
-            return f"trainer.{key}={trainer_args[key]!r} is not allowed: {message}"
+    named = [match.group(1) or match.group(2) for match in _NAMED.finditer(message)]
+    # then argument names with an underscore (too specific to be a plain word: val_check_interval)
+    named += [word for word in re.findall(r"\b[a-z]+_\w+\b", message) if word not in named]
+    key = next((name for name in named if name in trainer_args), None)
+    if key is None:  # the one argument whose value the message quotes ("No supported gpu …")
+        quoted = [name for name, value in trainer_args.items()
+                  if isinstance(value, (str, int, float)) and not isinstance(value, bool)
+                  and re.search(rf"(?<![\w.-]){re.escape(str(value))}(?![\w.])", message)]
+        key = quoted[0] if len(quoted) == 1 else None
+    if key is not None:
+        return f"trainer.{key}={trainer_args[key]!r} is not allowed: {message}"
     return f"trainer: {message}"
 
 

@@ -190,6 +190,7 @@ def test_checkpointing_off_trains_and_writes_no_checkpoint(tmp_path, capsys):
     ("--model.optimizer.betas=[0.9, 1.5]", "model.optimizer.betas=(0.9, 1.5) is not allowed"),
     ("--trainer.max_epochs=-5", "trainer.max_epochs=-5 is not allowed: expected a "
                                 "non-negative integer or -1"),
+    ("--trainer.val_check_interval=-2", "trainer.val_check_interval=-2 is not allowed"),
 ])
 def test_argument_refused_by_torch_or_lightning_is_one_line_naming_the_field(tmp_path, capsys,
                                                                              arg, line):
