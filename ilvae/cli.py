@@ -21,11 +21,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from jsonargparse import set_loader
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -33,7 +31,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from ilvae import registry
 from ilvae.checkpointing import AtomicCheckpointIO, check_checkpoint, has_checkpoint_io
-from ilvae.errors import ConfigurationError, NonFiniteLossError
+from ilvae.errors import (
+    SETUP_ERRORS,
+    ConfigurationError,
+    NonFiniteLossError,
+    check_optimizers,
+    trainer_error_line,
+)
 
 _PARSER_MODE = "ilvae_yaml"
 _STATE = {"running": False}
@@ -118,111 +122,6 @@ def _section(config: Any) -> Any:
     """The part of a parsed configuration for the subcommand being run."""
     subcommand = config.get("subcommand")
     return config[subcommand] if subcommand else config
-
-
-# What torch and Lightning raise for arguments they refuse while a run is being set up.
-_SETUP_ERRORS = (MisconfigurationException, ValueError, TypeError)
-_MUST = re.compile(r"`(\w+)` must be (.+?)\.(?:\s|$)")
-_NAMED = re.compile(r"`(\w+)(?:=[^`]*)?`|\b(\w+)=")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _field(key: str) -> str:
-    """A parsed configuration key as users write it: ``model.optimizer.lr``."""
-    return ".".join(part for part in key.split(".") if part not in ("init_args", "class_path"))
-
-
-def _culprit(build: Any, kwargs: dict[str, Any]) -> tuple[str | None, BaseException | None]:
-    """``(None, None)`` if ``build(**kwargs)`` works; else the argument whose default makes it
-    work (None if no single one does) and the error the full call raised."""
-    try:
-        build(**kwargs)
-    except _SETUP_ERRORS as exc:
-        error = exc
-    else:
-        return None, None
-    for name in kwargs:
-        try:
-            build(**{k: v for k, v in kwargs.items() if k != name})
-        except _SETUP_ERRORS:
-            continue
-        return name, error
-    return None, error
-
-
-def check_optimizers(config: Any) -> None:
-    """Build every optimiser and learning-rate scheduler that ``config`` names on a stand-in
-    parameter, so that an argument torch refuses (``lr=-1``) is reported, naming its field,
-    before anything is built or written; the model builds the real ones when fitting starts."""
-    from ilvae._config import import_class
-
-    kinds = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
-             torch.optim.lr_scheduler.ReduceLROnPlateau)
-    found = []
-    for key, class_path in config.items():
-        if key.rpartition(".")[2] != "class_path" or not isinstance(class_path, str):
-            continue
-        try:
-            cls = import_class(class_path)
-        except (ImportError, AttributeError, ValueError):
-            continue
-        if not (isinstance(cls, type) and issubclass(cls, kinds)):
-            continue
-        prefix = key[:-len("class_path")]
-        init = config.get(prefix + "init_args")
-        kwargs = dict(vars(init)) if init is not None else {}
-        if any(hasattr(value, "class_path") for value in kwargs.values()):
-            continue  # nested classes: left to the real build
-        is_optimizer = issubclass(cls, torch.optim.Optimizer)
-        found.append((not is_optimizer, prefix.rstrip("."), class_path, cls, kwargs))
-
-    def stand_in() -> list[torch.nn.Parameter]:
-        return [torch.nn.Parameter(torch.zeros(1))]
-
-    def optimizer() -> torch.optim.Optimizer:
-        return torch.optim.Adam(stand_in())
-
-    for is_scheduler, key, class_path, cls, kwargs in sorted(found, key=lambda row: row[0]):
-        def build(_cls: Any = cls, _sched: bool = is_scheduler, **args: Any) -> Any:
-            return _cls(optimizer() if _sched else stand_in(), **args)
-
-        name, error = _culprit(build, kwargs)
-        if error is None:
-            if not is_scheduler:  # schedulers are checked against the configured optimiser
-                def optimizer(_cls: Any = cls, _args: dict = kwargs) -> torch.optim.Optimizer:
-                    return _cls(stand_in(), **_args)
-            continue
-        if name is None:
-            raise ConfigurationError(f"{_field(key)}={class_path!r} is not allowed with these "
-                                     f"arguments: {_first_line(error)}") from error
-        raise ConfigurationError(f"{_field(key)}.{name}={kwargs[name]!r} is not allowed: "
-                                 f"expected a value {class_path} accepts "
-                                 f"({_first_line(error)})") from error
-
-
-def trainer_error_line(exc: BaseException, trainer_args: Any) -> str:
-    """One line naming the Trainer argument that Lightning refused, from its message."""
-    message = _first_line(exc)
-    must = _MUST.search(message)
-    if must and must.group(1) in trainer_args:
-        key = must.group(1)
-        return f"trainer.{key}={trainer_args[key]!r} is not allowed: expected {must.group(2)}"
-    named = [match.group(1) or match.group(2) for match in _NAMED.finditer(message)]
-    # then argument names with an underscore (too specific to be a plain word: val_check_interval)
-    named += [word for word in re.findall(r"\b[a-z]+_\w+\b", message) if word not in named]
-    key = next((name for name in named if name in trainer_args), None)
-    if key is None:  # the one argument whose value the message quotes ("No supported gpu …")
-        quoted = [name for name, value in trainer_args.items()
-                  if isinstance(value, (str, int, float)) and not isinstance(value, bool)
-                  and re.search(rf"(?<![\w.-]){re.escape(str(value))}(?![\w.])", message)]
-        key = quoted[0] if len(quoted) == 1 else None
-    if key is not None:
-        return f"trainer.{key}={trainer_args[key]!r} is not allowed: {message}"
-    return f"trainer: {message}"
 
 
 class ILVAECLI(LightningCLI):
@@ -349,7 +248,7 @@ class ILVAECLI(LightningCLI):
                                                       or os.getcwd())
         try:
             return super().instantiate_trainer(**kwargs)
-        except _SETUP_ERRORS as exc:
+        except SETUP_ERRORS as exc:
             raise ConfigurationError(trainer_error_line(exc, config)) from exc
 
     def after_fit(self) -> None:
