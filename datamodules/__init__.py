@@ -8,13 +8,14 @@ from .conditional import (
     LinearConditionalData,
     MNISTQuarters,
 )
-from .images import MNIST, Digits, FashionMNIST
+from .images import MNIST, Digits, FashionMNIST, MNIST5k
 from .synthetic import LinearGaussianData
 from .text import TextDataModule, Vocabulary
 from .toy import TwoGaussians
 
 __all__ = [
     "MNIST",
+    "MNIST5k",
     "ArrayDataModule",
     "ConditionalDataModule",
     "Digits",

