@@ -36,7 +36,7 @@ class ExactLinearCVAE(ConditionalVAE):
       (W, s) alone (the gradient of the profiled loss equals the partial gradient at U*);
     - whitening: W is parameterised as W̃ Pᵀ with P = V Λ^{-½} from S = V Λ Vᵀ (zero on
       directions the data do not vary in), which removes the data's conditioning (the
-      eigenvalues of S of the digits span five decades) from the problem.
+      eigenvalues of S of image data span several decades) from the problem.
 
     After every round the model's own weights (``encoder.weight``, ``encoder.log_scale``,
     ``decoder.weight``) hold W, s and U*, so every measurement reads the ordinary linear CVAE.
@@ -48,7 +48,7 @@ class ExactLinearCVAE(ConditionalVAE):
         self.lbfgs_iterations = int(lbfgs_iterations)
         dim = math.prod(self.data_shape) + math.prod(self.target_shape)
         self.encoder_whitened = nn.Parameter(torch.zeros(self.latent_dim, dim))
-        self._basis: tuple[Tensor, Tensor, Tensor] | None = None
+        self._basis: tuple[Tensor, ...] | None = None
         self.rounds = 0  # L-BFGS rounds (training steps) and loss evaluations, for timing
         self.closures = 0
 
@@ -70,10 +70,14 @@ class ExactLinearCVAE(ConditionalVAE):
         u1, u2 = u[:, :m], u[:, m:]
         eye = torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
         a = torch.cat([-u2, eye], dim=1) - u1 @ w
+        squared = ((a @ moment) * a).sum() + (s2 * (u1**2).sum(0)).sum()
+        return self._loss(squared, ((w @ moment) * w).sum(1), s2, u.shape[0])
+
+    def _loss(self, squared: Tensor, mu2: Tensor, s2: Tensor, dy: int) -> Tensor:
+        """The expected loss from its data terms: ``squared`` = E‖y − U₁μ − U₂x‖² +
+        Σ_i s_i²‖U₁[:, i]‖², ``mu2`` = E μ_i² per latent, ``s2`` = s², ``dy`` = size of y."""
         eta2, e2 = float(self.eta_dec) ** 2, float(self.eta_enc) ** 2
-        recon = ((a @ moment) * a).sum() + (s2 * (u1**2).sum(0)).sum()
-        recon = recon / (2 * eta2) + 0.5 * u.shape[0] * math.log(2 * math.pi * eta2)
-        mu2 = ((w @ moment) * w).sum(1)
+        recon = squared / (2 * eta2) + 0.5 * dy * math.log(2 * math.pi * eta2)
         kl = 0.5 * (mu2 / e2 + s2 / e2 - torch.log(s2 / e2) - 1)
         return recon + self.beta * kl.sum()
 
@@ -93,24 +97,32 @@ class ExactLinearCVAE(ConditionalVAE):
         q, _, keep_x = basis(moment[:dx, :dx])
         with torch.no_grad():
             self.encoder_whitened.copy_(self.encoder.weight.weight @ p_inverse)
-        self._basis = (p, q, keep_x)
+        # The moments of Qᵀx do not depend on the encoder: computed once.
+        self._basis = (p, q, keep_x, q.T @ moment[:dx, :dx] @ q, moment[dx:, :dx] @ q)
 
     def _profile(self, moment: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss at U*, W, U*) for the current W̃ and s."""
+        """(loss at U*, W, U*) for the current W̃ and s; ``moment`` is the S given to
+        :meth:`_prepare`."""
         assert self._basis is not None
-        p, q, keep_x = self._basis
+        p, q, keep_x, sxx, syx = self._basis
         m, dx = self.latent_dim, math.prod(self.data_shape)
         w = self.encoder_whitened @ p.T
         s2 = (2 * self.encoder.log_scale).exp()
-        px = torch.cat([q.T, q.new_zeros(dx, moment.shape[0] - dx)], dim=1)
-        v = torch.cat([w, px], dim=0)  # v = V u = [μ; Qᵀx]
-        svv = v @ moment @ v.T
+        # v = [μ; Qᵀx] = [W u; Qᵀx]: its moments S_vv, S_yv from S without forming a
+        # (d_y × d) residual map, so a closure costs O(m d² + d_x² d_y), not O(d_y d²).
+        ws = w @ moment
+        wsx = ws[:, :dx] @ q
+        svv = torch.cat([torch.cat([ws @ w.T, wsx], dim=1),
+                         torch.cat([wsx.T, sxx], dim=1)], dim=0)
         ridge = torch.cat([s2, (~keep_x).to(s2.dtype)])  # s² on μ; 1 on x's null directions
         svv = svv + torch.diag(ridge)
-        syv = moment[dx:] @ v.T
+        syv = torch.cat([moment[dx:] @ w.T, syx], dim=1)
         u_star = torch.linalg.solve(svv, syv.T).T
         u = torch.cat([u_star[:, :m], u_star[:, m:] @ q.T], dim=1)
-        return self.expected_loss_from_moment(moment, w=w, u=u), w, u
+        # At U* (U* (S_vv + ridge) = S_yv; its columns on x's null directions are 0):
+        # E‖y − U* v‖² + Σ s_i²‖U₁[:, i]‖² = tr S_yy − tr(U* S_vy).
+        squared = torch.trace(moment[dx:, dx:]) - (u_star * syv).sum()
+        return self._loss(squared, (ws * w).sum(1), s2, moment.shape[0] - dx), w, u
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = self.unpack(batch)
