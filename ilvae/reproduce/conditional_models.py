@@ -93,36 +93,43 @@ class ExactLinearCVAE(ConditionalVAE):
             scale = torch.where(keep, ev.clamp(min=1e-300).rsqrt(), torch.zeros_like(ev))
             return vec * scale, vec * torch.where(keep, ev.sqrt(), torch.zeros_like(ev)), keep
 
-        p, p_inverse, _ = basis(moment)
+        p, p_inverse, keep = basis(moment)
         q, _, keep_x = basis(moment[:dx, :dx])
         with torch.no_grad():
             self.encoder_whitened.copy_(self.encoder.weight.weight @ p_inverse)
-        # The moments of Qᵀx do not depend on the encoder: computed once.
-        self._basis = (p, q, keep_x, q.T @ moment[:dx, :dx] @ q, moment[dx:, :dx] @ q)
+        # Everything in the moments of v = [W̃ Pᵀu; Qᵀx] that does not depend on the encoder,
+        # computed once (Pᵀ S P = diag(keep) by construction of P).
+        self._basis = (p, q, keep_x, keep.to(moment.dtype), q.T @ moment[:dx, :dx] @ q,
+                       moment[dx:, :dx] @ q, p.T @ moment[:, :dx] @ q, moment[dx:] @ p)
 
-    def _profile(self, moment: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _profile(self, moment: Tensor, weights: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """(loss at U*, W, U*) for the current W̃ and s; ``moment`` is the S given to
-        :meth:`_prepare`."""
+        :meth:`_prepare`. With ``weights=False`` only the loss is computed (W, U* are None)."""
         assert self._basis is not None
-        p, q, keep_x, sxx, syx = self._basis
+        p, q, keep_x, keep, sxx, syx, spx, syp = self._basis
         m, dx = self.latent_dim, math.prod(self.data_shape)
-        w = self.encoder_whitened @ p.T
+        wt = self.encoder_whitened
         s2 = (2 * self.encoder.log_scale).exp()
-        # v = [μ; Qᵀx] = [W u; Qᵀx]: its moments S_vv, S_yv from S without forming a
-        # (d_y × d) residual map, so a closure costs O(m d² + d_x² d_y), not O(d_y d²).
-        ws = w @ moment
-        wsx = ws[:, :dx] @ q
-        svv = torch.cat([torch.cat([ws @ w.T, wsx], dim=1),
-                         torch.cat([wsx.T, sxx], dim=1)], dim=0)
+        # The moments S_vv, S_yv of v = [μ; Qᵀx] in the whitened coordinates, so a closure
+        # costs O(m d d_y + (m + d_x)² d_y) and never forms a (d × d) or (d_y × d) product.
+        smm = wt @ (wt * keep).T  # E[μμᵀ] = W S Wᵀ
+        wsx = wt @ spx
+        svv = torch.cat([torch.cat([smm, wsx], dim=1), torch.cat([wsx.T, sxx], dim=1)], dim=0)
         ridge = torch.cat([s2, (~keep_x).to(s2.dtype)])  # s² on μ; 1 on x's null directions
-        svv = svv + torch.diag(ridge)
-        syv = torch.cat([moment[dx:] @ w.T, syx], dim=1)
-        u_star = torch.linalg.solve(svv, syv.T).T
-        u = torch.cat([u_star[:, :m], u_star[:, m:] @ q.T], dim=1)
-        # At U* (U* (S_vv + ridge) = S_yv; its columns on x's null directions are 0):
-        # E‖y − U* v‖² + Σ s_i²‖U₁[:, i]‖² = tr S_yy − tr(U* S_vy).
-        squared = torch.trace(moment[dx:, dx:]) - (u_star * syv).sum()
-        return self._loss(squared, (ws * w).sum(1), s2, moment.shape[0] - dx), w, u
+        chol = torch.linalg.cholesky(svv + torch.diag(ridge))
+        syv = torch.cat([syp @ wt.T, syx], dim=1)
+        # At U* = S_yv (S_vv + ridge)⁻¹ (its columns on x's null directions are 0):
+        # E‖y − U* v‖² + Σ s_i²‖U₁[:, i]‖² = tr S_yy − tr(S_yv (S_vv + ridge)⁻¹ S_vy).
+        half = torch.linalg.solve_triangular(chol, syv.T, upper=False)
+        squared = torch.trace(moment[dx:, dx:]) - (half**2).sum()
+        loss = self._loss(squared, torch.diagonal(smm), s2, moment.shape[0] - dx)
+        if not weights:
+            return loss, None, None  # type: ignore[return-value]
+        with torch.no_grad():
+            w = wt @ p.T
+            u_star = torch.cholesky_solve(syv.T, chol).T
+            u = torch.cat([u_star[:, :m], u_star[:, m:] @ q.T], dim=1)
+        return loss, w, u
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = self.unpack(batch)
@@ -135,12 +142,12 @@ class ExactLinearCVAE(ConditionalVAE):
         def closure() -> Tensor:
             self.closures += 1
             opt.zero_grad()
-            loss = self._profile(moment)[0]
+            loss = self._profile(moment, weights=False)[0]
             self.manual_backward(loss)
             return loss
 
         with torch.no_grad():
-            before = float(self._profile(moment)[0])
+            before = float(self._profile(moment, weights=False)[0])
         opt.step(closure=closure)
         self.rounds += 1
         with torch.no_grad():
