@@ -33,7 +33,9 @@ class ExactLinearCVAE(ConditionalVAE):
 
     - variable projection: for a given encoder (W, s) the loss is quadratic in U, so U is set
       to its minimiser U* = S_yv (S_vv + diag(s², 0))⁻¹ with v = [μ; x], and L-BFGS runs on
-      (W, s) alone (the gradient of the profiled loss equals the partial gradient at U*);
+      (W, s) alone (the gradient of the profiled loss equals the partial gradient at U*); at U*
+      the squared-error terms are tr S_yy − tr(U* S_vy), so a closure needs only the
+      (m + d_x)-sized moments of v, never U* itself;
     - whitening: W is parameterised as W̃ Pᵀ with P = V Λ^{-½} from S = V Λ Vᵀ (zero on
       directions the data do not vary in), which removes the data's conditioning (the
       eigenvalues of S of image data span several decades) from the problem.

@@ -69,8 +69,7 @@ def run(ctx: StudyContext) -> None:
     dm, data_name = _data(ctx)
     depths = [1, 4, 8] if ctx.quick else [1, 2, 4, 6, 8, 10]
     width = 128 if ctx.quick else 512
-    # MNIST5k has 57 batches an epoch: 10 quick epochs are ~570 steps per run.
-    epochs = 10 if ctx.quick else 100
+    epochs = 20 if ctx.quick else 100
     latent = 16
     x_train, _ = dm.tensors("train")
     scales = {}
