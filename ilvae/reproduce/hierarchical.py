@@ -62,8 +62,7 @@ def _data(ctx: StudyContext):
 
 def _size(quick: bool) -> dict:
     if quick:
-        # MNIST5k: 15 batches of 256 an epoch, so 30 quick epochs are 450 steps per run.
-        return {"beta_1": [0.5, 1.0, 2.0], "beta_2": [0.7, 1.4, 2.8], "epochs": 30,
+        return {"beta_1": [0.5, 1.0, 2.0], "beta_2": [0.7, 1.4, 2.8], "epochs": 60,
                 "hidden": 128, "iw_samples": 100}
     return {"beta_1": [0.25, 0.5, 1.0, 2.0, 4.0], "beta_2": [0.35, 0.7, 1.4, 2.8, 5.6],
             "epochs": 300, "hidden": 128, "iw_samples": 500}
