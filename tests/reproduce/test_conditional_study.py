@@ -28,9 +28,9 @@ def _numpy_residual_eigenvalues(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
 
 
 def _check_linear_rows(rows, latent_dim):
-    from ilvae.datamodules.conditional import DigitsQuarters
+    from ilvae.datamodules.conditional import MNIST5kQuarters
 
-    x, y, _ = DigitsQuarters(seed=0, val_fraction=0.1).tensors("train")
+    x, y, _ = MNIST5kQuarters(seed=0, val_fraction=0.1).tensors("train")
     theta = {"real": _numpy_residual_eigenvalues(x, y)}
     lin = [r for r in rows if r.get("model") == "ConditionalVAE(linear)"]
     assert lin
@@ -41,7 +41,9 @@ def _check_linear_rows(rows, latent_dim):
             assert np.allclose(row["theta"], expected, rtol=1e-6, atol=1e-9)
         else:  # the control: x shuffled, so E is near the covariance of y
             expected = np.array(row["theta"])
-            assert row["residual_fraction"] > 0.95
+            # In-sample, a least-squares fit on 196 unrelated inputs still explains about
+            # 196/3600 ≈ 5 % of y's second moment.
+            assert row["residual_fraction"] > 0.9
         assert row["predicted_collapsed"] == int((expected < tau).sum())
         kl_star = np.maximum(0.5 * np.log(np.maximum(expected, 1e-300) / tau), 0.0)
         assert row["predicted_epsilon_collapsed"] == int((kl_star < EPS).sum())
@@ -49,8 +51,9 @@ def _check_linear_rows(rows, latent_dim):
         assert row["epsilon_collapsed"] == row["predicted_epsilon_collapsed"], row
         measured = np.sort(row["kl_per_dim"])[::-1]
         assert np.abs(measured - kl_star).max() < 2e-3, (row["beta"], row["eta_dec"])
-        # The IW estimate of −log p(y|x) is an upper bound of the exact value up to MC noise.
-        assert row["nll_exact"] - 0.05 < row["iw_nll"] < row["nll_exact"] + 0.5
+        # The IW estimate of −log p(y|x) is an upper bound of the exact value up to MC noise;
+        # with K = 20 draws for 588 pixels its gap is a few nats (≈ 1–2 % of the NLL here).
+        assert row["nll_exact"] - 0.05 < row["iw_nll"] < row["nll_exact"] + 5.0
     return lin
 
 
@@ -61,7 +64,7 @@ def _findings(report: str) -> dict[str, bool]:
 
 def test_tiny_grid_linear_cvae_collapses_what_the_closed_form_predicts(tmp_path):
     ctx = reproduce.run_study("conditional", tmp_path, quick=True, betas=[1.0, 4.0],
-                              etas=[0.3], control_etas=[0.3], epochs=1, iw_samples=20)
+                              etas=[0.5], control_etas=[0.5], epochs=1, iw_samples=20)
     lin = _check_linear_rows(ctx.rows, 16)
     assert sorted((r["x"], r["beta"]) for r in lin) == [("real", 1.0), ("real", 4.0),
                                                          ("shuffled", 1.0), ("shuffled", 4.0)]
@@ -77,8 +80,9 @@ def test_tiny_grid_linear_cvae_collapses_what_the_closed_form_predicts(tmp_path)
     assert all(r["seed"] == 0 for r in rows)
     assert any(r.get("model") == "runtime estimate" and r["estimated_seconds"] > 0
                for r in rows)
-    assert (tmp_path / "runs" / "linear_real_beta1_eta0.3").is_dir()
-    assert "full, digits" in report and "total (h)" in report
+    assert (tmp_path / "runs" / "linear_real_beta1_eta0.5").is_dir()
+    assert "full, mnist5k" in report and "total (h)" in report
+    assert all(r["data"].startswith("MNIST5k quarters") for r in lin)
 
 
 @pytest.mark.slow

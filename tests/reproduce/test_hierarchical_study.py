@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ilvae import reproduce, theory
-from ilvae.datamodules import Digits
+from ilvae.datamodules import MNIST5k
 from ilvae.reproduce import hierarchical
 
 
@@ -37,12 +37,12 @@ def _check_report(out):
     nonlinear = [r for r in rows if r["model"] == "HierarchicalVAE"]
     assert len(linear) == len(nonlinear) > 0
     # The prediction is the closed form on the second moment of the same training split.
-    dm = Digits(seed=0)
+    dm = MNIST5k(seed=0)
     moment = theory.second_moment(dm.tensors("train")[0])
     for r in linear:
         pred = theory.linear_hvae(moment, r["beta_1"], r["beta_2"], 0.5, 0.5, 0.5, 16, 16)
         assert r["predicted_collapsed"] == pred.num_collapsed
-        assert r["seed"] == 0 and r["data"].startswith("scikit-learn digits")
+        assert r["seed"] == 0 and r["data"].startswith("MNIST5k")
     expected = {
         "Linear HVAE trained on these data collapses the z₂ dimensions the closed form "
         "predicts": all(r["epsilon_collapsed_z2"] == r["predicted_collapsed"] for r in linear),
@@ -68,9 +68,10 @@ def _check_report(out):
 
 
 def test_tiny_grid_reports_what_its_rows_show(tmp_path, monkeypatch):
-    # β₂/β₁ = 0.7 lies in the regime without collapse (σ₁² > (β₂/β₁)η_dec²), 2.8 outside it.
+    # β₂/β₁ = 0.7 lies in the regime without collapse (σ₁² > (β₂/β₁)η_dec²), 5.6 outside it,
+    # with its threshold 25 % away from every θ_i of MNIST5k (so L-BFGS settles every KL).
     monkeypatch.setattr(hierarchical, "_size", lambda quick: {
-        "beta_1": [1.0], "beta_2": [0.7, 2.8], "epochs": 8, "hidden": 32, "iw_samples": 10})
+        "beta_1": [1.0], "beta_2": [0.7, 5.6], "epochs": 8, "hidden": 32, "iw_samples": 10})
     threads = torch.get_num_threads()
     reproduce.run_study("hierarchical", tmp_path, quick=True)
     assert torch.get_num_threads() == threads  # the study restores the caller's setting
