@@ -96,6 +96,8 @@ def test_every_family_is_measured_per_latent_level_plotted_and_imaged(tmp_path, 
         for name in (f"val/kl{suffix}", f"val/active_units{suffix}",
                      f"val/epsilon_collapsed{suffix}"):
             assert name in logged and bool(torch.isfinite(logged[name])), name
+    for name in cli.model.schedulable:  # every declared hyper-parameter is logged
+        assert f"train/{name}" in logged, name
     if add:
         tags = _event_tags(tmp_path)
         assert "latent/posterior_means" in tags
