@@ -52,7 +52,8 @@ class CollapseMonitor(L.Callback):
     The importance-weighted NLL and the Fisher divergence cost K (resp. one extra backward)
     decoder passes per example; they use at most ``max_examples`` validation examples per process
     (None: all). The callback reads the model only through its contract (``latent_levels``,
-    ``latent_terms``, ``unpack``, ``iw_nll``), never its type.
+    ``latent_terms``, ``unpack``, ``iw_nll``; ``encode`` and ``decoder`` for the relative
+    Fisher divergence where the level says they apply), never its type.
     """
 
     def __init__(self, every_n_epochs: int = 1, num_iw_samples: int = 500,
