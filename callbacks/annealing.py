@@ -1,10 +1,14 @@
-"""Schedules of the model's named hyper-parameters: β (``pl_module.beta``, the KL weight) and L
-(``pl_module.decoder.L``, the decoder's inverse-Lipschitz constant, Kinoshita et al. 2023).
+"""Schedules of the model's named hyper-parameters: any name the model declares in its
+``schedulable`` (the model contract of :mod:`ilvae.models.contract`), e.g. ``beta`` (the KL
+weight), ``L`` (the decoder's inverse-Lipschitz constant, Kinoshita et al. 2023), ``beta_1``,
+``beta_2`` (a hierarchy's level weights) or ``L1`` (a mixture's mean-map constant), chosen with
+``target``. A callback sets the value through the model's ``set_hparam(name, value)``; an
+unknown name is refused in one line when fitting starts.
 
 Each schedule is a callback with saved state: it sets the value at ``on_fit_start``, at every
 ``on_train_batch_start`` and at ``on_validation_start``, and ``state_dict``/``load_state_dict``
 carry it through checkpoints, so a resumed run continues where it stopped. The callbacks only
-set values; the VAE logs them every step as ``train/beta`` and ``train/L``.
+set values; the model logs every schedulable value as ``train/<name>`` while training.
 
 - :func:`schedule` — the shapes, a pure function of the step.
 - :class:`KLAnnealing` — β warm-up (Bowman et al. 2016) or cyclical annealing (Fu et al. 2019).
@@ -29,8 +33,6 @@ from ilvae.errors import ConfigurationError
 
 SHAPES = ("linear", "cosine", "exponential", "step", "sigmoid")
 Shape = Literal["linear", "cosine", "exponential", "step", "sigmoid"]
-TARGETS = ("beta", "L")
-Target = Literal["beta", "L"]
 
 # With a zero endpoint, the exponential shape interpolates geometrically in v + c with
 # c = _EXPONENTIAL_OFFSET · max(start, end): three decades of decay (or growth) over `length`.
@@ -62,6 +64,13 @@ def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigurationError(f"{field}={value!r} is not allowed: expected one of "
                                  f"{', '.join(allowed)}")
+    return value
+
+
+def _name(field: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.isidentifier():
+        raise ConfigurationError(f"{field}={value!r} is not allowed: expected the name of a "
+                                 "hyper-parameter the model declares schedulable, e.g. 'beta'")
     return value
 
 
@@ -164,6 +173,15 @@ class _SetsHyperParameter(Callback):
     """A callback that owns one named hyper-parameter of the module (``target``)."""
 
     target: str
+    #: The target when none is given: the saved state of a callback with this target keeps
+    #: the plain class name as its key, so checkpoints written before ``target`` existed load.
+    default_target: str
+
+    @property
+    def state_key(self) -> str:
+        if self.target == self.default_target:
+            return super().state_key
+        return self._generate_state_key(target=self.target)
 
     def _check_target(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         name = type(self).__name__
@@ -173,29 +191,16 @@ class _SetsHyperParameter(Callback):
                 raise ConfigurationError(
                     f"trainer.callbacks: {name} and {type(other).__name__} both set "
                     f"`{self.target}`; keep one of them")
-        if self.target == "beta":
-            if not hasattr(pl_module, "beta"):
-                raise ConfigurationError(f"{name} sets `beta`, but the model "
-                                         f"{type(pl_module).__name__} has no attribute `beta`")
-            return
-        decoder = getattr(pl_module, "decoder", None)
-        if decoder is None or not hasattr(decoder, "L"):
-            owner = (f"the decoder {type(decoder).__name__}" if decoder is not None
-                     else f"the model {type(pl_module).__name__} (no decoder)")
+        names = tuple(getattr(pl_module, "schedulable", ()))
+        if self.target not in names:
+            note = getattr(pl_module, "schedulable_note", lambda _: "")(self.target)
             raise ConfigurationError(
-                f"{name} sets the decoder's inverse-Lipschitz constant `L`, but {owner} has no "
-                "attribute `L`; use a decoder that has one (e.g. il_brenier)")
+                f"{name}: target={self.target!r} is not allowed: expected one of the "
+                f"hyper-parameters {type(pl_module).__name__} declares schedulable "
+                f"({', '.join(names) or 'none'}){note}")
 
     def _apply(self, pl_module: pl.LightningModule, value: float) -> None:
-        if self.target == "beta":
-            pl_module.beta = value
-            return
-        try:
-            pl_module.decoder.L = value
-        except AttributeError as exc:
-            raise ConfigurationError(
-                f"{type(self).__name__}: the decoder {type(pl_module.decoder).__name__} does "
-                f"not allow setting `L` ({exc})") from exc
+        pl_module.set_hparam(self.target, value)
 
 
 class _Schedule(_SetsHyperParameter):
@@ -255,7 +260,9 @@ class _Schedule(_SetsHyperParameter):
 
 
 class KLAnnealing(_Schedule):
-    """β warm-up: sets ``pl_module.beta`` to :func:`schedule` at ``trainer.global_step``.
+    """β warm-up: sets the model's ``target`` (``beta`` by default; ``beta_1``, ``beta_2`` of a
+    hierarchy, any name in the model's ``schedulable``) to :func:`schedule` at
+    ``trainer.global_step``.
 
     The default is the linear KL warm-up of Bowman et al. (2016), β from 0 to 1 over
     ``length`` optimizer steps. ``cycles=M`` (≥ 1) with ``ratio=R`` gives the cyclical
@@ -272,31 +279,35 @@ class KLAnnealing(_Schedule):
               init_args: {length: 5000, cycles: 4, ratio: 0.5}
     """
 
-    target = "beta"
+    default_target = "beta"
 
     def __init__(self, length: int, start: float = 0.0, end: float = 1.0,
                  shape: Shape = "linear", delay: int = 0, cycles: int = 0, ratio: float = 0.5,
-                 drops: int = 4, sharpness: float = 10.0) -> None:
+                 drops: int = 4, sharpness: float = 10.0, target: str = "beta") -> None:
         super().__init__(start, end, length, shape, delay, cycles, ratio, drops, sharpness)
+        self.target = _name("target", target)
 
 
 class InverseLipschitzAnnealing(_Schedule):
-    """Anneals the decoder's inverse-Lipschitz constant: sets ``pl_module.decoder.L`` to
-    :func:`schedule` at ``trainer.global_step`` (Kinoshita et al. 2023 propose annealing L;
-    a large L early keeps the posterior from collapsing, a smaller final L constrains the
-    decoder less).
+    """Anneals an inverse-Lipschitz constant: sets the model's ``target`` (``L``, the decoder's
+    constant, by default; ``L1`` of a mixture's mean map, any name in the model's
+    ``schedulable``) to :func:`schedule` at ``trainer.global_step`` (Kinoshita et al. 2023
+    propose annealing L; a large L early keeps the posterior from collapsing, a smaller final
+    L constrains the decoder less).
 
     ``shape`` is ``linear``, ``cosine``, ``exponential`` (geometric; handles L = 0) or ``step``
     (``drops`` equal drops), or ``sigmoid``; ``cycles``/``ratio`` give cyclical annealing as in
-    :class:`KLAnnealing`. The decoder must have a settable ``L`` (checked at ``on_fit_start``).
+    :class:`KLAnnealing`. The model must declare ``target`` schedulable (checked at
+    ``on_fit_start``).
     """
 
-    target = "L"
+    default_target = "L"
 
     def __init__(self, start: float, end: float, length: int, shape: Shape = "linear",
                  delay: int = 0, cycles: int = 0, ratio: float = 0.5, drops: int = 4,
-                 sharpness: float = 10.0) -> None:
+                 sharpness: float = 10.0, target: str = "L") -> None:
         super().__init__(start, end, length, shape, delay, cycles, ratio, drops, sharpness)
+        self.target = _name("target", target)
 
 
 # ----------------------------------------------------------------------------- controller
@@ -305,8 +316,9 @@ class TargetKLController(_SetsHyperParameter):
     al. 2020).
 
     After each training batch t the KL of that batch, KL(t), gives the error
-    e(t) = s·(KL* − KL(t)) with s = +1 for β and s = −1 for L (a larger L raises the KL, a
-    larger β lowers it), and the value used from the next batch on is
+    e(t) = s·(KL* − KL(t)) with s = +1 for a KL weight (β, β₁, β₂: a larger one lowers the KL)
+    and s = −1 for an inverse-Lipschitz constant (L, L₁: a larger one raises it), and the value
+    used from the next batch on is
 
         v(t) = clip(v_min + K_p / (1 + exp e(t)) − K_i Σ_{j≤t} e(j),  v_min, v_max)
 
@@ -324,7 +336,10 @@ class TargetKLController(_SetsHyperParameter):
 
     Args:
         kl_target: KL* ≥ 0 in nats (the total KL Σ_i KL_i averaged over the batch).
-        target: ``beta`` (``pl_module.beta``) or ``L`` (``pl_module.decoder.L``).
+        target: the hyper-parameter to control, a name the model declares schedulable
+            (``beta``, ``L``, ``beta_2``, …), set through the model's ``set_hparam``.
+        sign: s above; by default +1 for a name starting with ``beta`` and −1 for one
+            starting with ``L``; give it for any other name.
         kp, ki: gains K_p, K_i ≥ 0 (the paper's defaults).
         min_value, max_value: bounds v_min ≤ v_max of the controlled value.
         initial: value before the first measurement, within the bounds.
@@ -336,13 +351,25 @@ class TargetKLController(_SetsHyperParameter):
     #: model hands its training-step values to Lightning every step (see ``ilvae.models.base``).
     reads_step_metrics = True
 
-    def __init__(self, kl_target: float, target: Target = "beta", kp: float = 0.01,
+    default_target = "beta"
+
+    def __init__(self, kl_target: float, target: str = "beta", kp: float = 0.01,
                  ki: float = 0.0001, min_value: float = 0.0, max_value: float = 1.0,
                  initial: float | None = None, kl_key: str = "train/kl",
-                 update_every: int = 1) -> None:
+                 update_every: int = 1, sign: int | None = None) -> None:
         super().__init__()
         self.kl_target = _number("kl_target", kl_target)
-        self.target = _choice("target", target, TARGETS)
+        self.target = _name("target", target)
+        if sign is None:
+            sign = 1 if target.startswith("beta") else -1 if target.startswith("L") else None
+            if sign is None:
+                raise ConfigurationError(
+                    f"target={target!r} is not allowed without sign: expected a name starting "
+                    "with 'beta' (a KL weight) or 'L' (an inverse-Lipschitz constant), or "
+                    "sign=+1 (a larger value lowers the KL) or sign=-1 (it raises the KL)")
+        if sign not in (1, -1) or isinstance(sign, bool):
+            raise ConfigurationError(f"sign={sign!r} is not allowed: expected 1 or -1")
+        self.sign = int(sign)
         self.kp = _number("kp", kp)
         self.ki = _number("ki", ki)
         self.min_value = _number("min_value", min_value)
@@ -373,8 +400,7 @@ class TargetKLController(_SetsHyperParameter):
         kl = float(kl)
         if not math.isfinite(kl):
             return self.value
-        sign = 1.0 if self.target == "beta" else -1.0
-        error = sign * (self.kl_target - kl)
+        error = self.sign * (self.kl_target - kl)
         proportional = self.kp * _logistic(-error)
         integral = self.integral + error
         raw = self.min_value + proportional - self.ki * integral

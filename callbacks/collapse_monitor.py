@@ -7,9 +7,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MeanMetric, Metric
 
 from ilvae.callbacks.images import tensorboard
-from ilvae.errors import ConfigurationError
 from ilvae.metrics import (
     ActiveUnits,
     EpsilonCollapse,
@@ -18,21 +18,27 @@ from ilvae.metrics import (
     MutualInformation,
     RelativeFisherDivergence,
 )
-from ilvae.metrics.kl_per_dimension import model_prior_scale
 
 
 class CollapseMonitor(L.Callback):
     """At every ``every_n_epochs``-th epoch (epochs 0, n, 2n, …) and at the last epoch of
-    training, compute the collapse metrics of :mod:`ilvae.metrics` over the validation set and
-    log them as
+    training, compute the collapse metrics of :mod:`ilvae.metrics` over the validation set for
+    every latent level the model offers (``latent_terms(batch)``, the model contract of
+    :mod:`ilvae.models.contract`) and log them as
 
-    ``val/active_units`` (Burda et al., threshold ``au_threshold``), ``val/mutual_info``
-    (aggregate posterior over the whole validation set), ``val/epsilon_collapsed`` and
-    ``val/epsilon_delta_collapsed`` (Lucas et al.), ``val/iw_nll`` (K = ``num_iw_samples``),
-    ``val/relative_fisher`` and ``val/relative_fisher_bound`` (m·L²/σ², Gaussian IL decoders).
+    ``val/kl`` (the level's total KL against the model's own prior, Σ_i kl_i + the part that
+    belongs to no dimension), ``val/active_units`` (Burda et al., threshold ``au_threshold``),
+    ``val/mutual_info`` (aggregate posterior over the whole validation set; the prior cancels),
+    ``val/epsilon_collapsed`` and ``val/epsilon_delta_collapsed`` (Lucas et al.); for a model
+    with several levels each name carries the level, ``val/kl_z1``, ``val/active_units_z2``, ….
+    The per-dimension KL also goes to TensorBoard as a histogram (``val/kl_per_dim``) and a bar
+    chart (``collapse/kl_per_dim``), per level likewise.
 
-    The model's own ``validation_step`` logs ``val/kl``; this callback adds the per-dimension KL
-    as a TensorBoard histogram (``val/kl_per_dim``) and a bar chart (``collapse/kl_per_dim``).
+    Where the model offers them: ``val/iw_nll`` (K = ``num_iw_samples``) through the model's
+    ``iw_nll(x, num_samples, chunk_size)``, and ``val/relative_fisher``,
+    ``val/relative_fisher_bound`` (m·L²/σ², Gaussian IL decoders) for a model with one level
+    whose prior is N(0, η² I) and whose posterior is ``encode(x)`` (the term's
+    ``prior_scale``).
 
     The last epoch is ``trainer.max_epochs − 1``, or the epoch whose validation runs once
     ``trainer.global_step`` has reached ``trainer.max_steps``, whichever comes first, so the
@@ -45,11 +51,9 @@ class CollapseMonitor(L.Callback):
     under multi-process training each process sees its shard and the values are synchronised.
     The importance-weighted NLL and the Fisher divergence cost K (resp. one extra backward)
     decoder passes per example; they use at most ``max_examples`` validation examples per process
-    (None: all). The callback reads the model only through ``encode``, ``decoder`` and ``prior``
-    (a model whose ``collapse_monitor_unsupported`` gives a reason, such as a mixture,
-    hierarchical or conditional VAE, is refused when fitting starts);
-    a model that computes its own ``val/iw_nll`` (``computes_iw_nll = True``, e.g. the text VAE)
-    keeps it.
+    (None: all). The callback reads the model only through its contract (``latent_levels``,
+    ``latent_terms``, ``unpack``, ``iw_nll``; ``encode`` and ``decoder`` for the relative
+    Fisher divergence where the level says they apply), never its type.
     """
 
     def __init__(self, every_n_epochs: int = 1, num_iw_samples: int = 500,
@@ -62,26 +66,39 @@ class CollapseMonitor(L.Callback):
             raise ValueError(f"num_iw_samples must be >= 1, got {num_iw_samples}")
         self.every_n_epochs = every_n_epochs
         self.max_examples = max_examples
-        self.metrics = nn.ModuleDict({
-            "kl": KLPerDimension(),
-            "active_units": ActiveUnits(threshold=au_threshold),
-            "mutual_info": MutualInformation(),
-            "epsilon": EpsilonCollapse(eps=eps, delta=delta),
-        })
+        self.eps, self.delta, self.au_threshold = eps, delta, au_threshold
+        self.levels: tuple[str, ...] = ("z",)
+        self.metrics = nn.ModuleDict({"z": self._level_metrics()})
         if iw_nll:
             self.metrics["iw_nll"] = ImportanceWeightedNLL(num_samples=num_iw_samples,
                                                            chunk_size=iw_chunk_size)
         if relative_fisher:
             self.metrics["relative_fisher"] = RelativeFisherDivergence()
+        self.last_kl_per_dim: torch.Tensor | None = None
+        self.last_kl_per_dim_by_level: dict[str, torch.Tensor] = {}
         self._seen = 0
 
+    def _level_metrics(self) -> nn.ModuleDict:
+        return nn.ModuleDict({
+            "kl": KLPerDimension(),
+            "kl_rest": MeanMetric(),
+            "active_units": ActiveUnits(threshold=self.au_threshold),
+            "mutual_info": MutualInformation(),
+            "epsilon": EpsilonCollapse(eps=self.eps, delta=self.delta),
+        })
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Refused before training starts, not after the first epoch, and never measured
-        # against the wrong prior.
-        reason = getattr(pl_module, "collapse_monitor_unsupported", None)
-        if reason:
-            raise ConfigurationError(f"CollapseMonitor cannot measure {type(pl_module).__name__}: "
-                                     f"{reason}")
+        # One set of metrics per latent level the model declares.
+        levels = tuple(pl_module.latent_levels)
+        if levels != self.levels:
+            for level in self.levels:
+                del self.metrics[level]
+            for level in levels:
+                self.metrics[level] = self._level_metrics()
+            self.levels = levels
+
+    def _suffix(self, level: str) -> str:
+        return "" if len(self.levels) == 1 else f"_{level}"
 
     def _active(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking:
@@ -98,11 +115,9 @@ class CollapseMonitor(L.Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.metrics.to(pl_module.device)
-        for metric in self.metrics.values():
-            metric.reset()
-        # KL-based metrics are measured against the model's own N(0, η² I) prior.
-        for name in ("kl", "epsilon"):
-            self.metrics[name].prior_scale = model_prior_scale(pl_module)
+        for metric in self.metrics.modules():
+            if isinstance(metric, Metric):
+                metric.reset()
         self._seen = 0
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -110,30 +125,44 @@ class CollapseMonitor(L.Callback):
                                 dataloader_idx: int = 0) -> None:
         if not self._active(trainer):
             return
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        posterior = pl_module.encode(x)
-        for name in ("kl", "active_units", "mutual_info", "epsilon"):
-            self.metrics[name].update(posterior)
+        terms = pl_module.latent_terms(batch)
+        for term in terms:
+            metrics = self.metrics[term.name]
+            metrics["kl"].update(term.posterior, term.kl)
+            metrics["epsilon"].update(term.posterior, term.kl)
+            metrics["active_units"].update(term.posterior)
+            metrics["mutual_info"].update(term.posterior)
+            rest = term.kl_rest
+            if rest is None:
+                rest = term.kl.new_zeros(term.kl.shape[0])
+            metrics["kl_rest"].update(rest.detach().double())
+        x = pl_module.unpack(batch)[0]
         room = x.shape[0] if self.max_examples is None else self.max_examples - self._seen
-        if room > 0:
-            x_model = x[:room]
-            for name in ("iw_nll", "relative_fisher"):
-                if name == "iw_nll" and getattr(pl_module, "computes_iw_nll", False):
-                    continue
-                if name in self.metrics:
-                    self.metrics[name].update(x_model, pl_module)
-            self._seen += x_model.shape[0]
+        if room <= 0:
+            return
+        x_model = x[:room]
+        if "iw_nll" in self.metrics and callable(getattr(pl_module, "iw_nll", None)):
+            self.metrics["iw_nll"].update(x_model, pl_module)
+        if ("relative_fisher" in self.metrics and len(terms) == 1
+                and terms[0].prior_scale is not None):
+            self.metrics["relative_fisher"].update(x_model, pl_module)
+        self._seen += x_model.shape[0]
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._active(trainer) or self.metrics["kl"].update_count == 0:
+        first = self.metrics[self.levels[0]]
+        if not self._active(trainer) or first["kl"].update_count == 0:
             return
         values: dict[str, torch.Tensor] = {}
-        kl = self.metrics["kl"].compute()
-        values["val/active_units"] = self.metrics["active_units"].compute()
-        values["val/mutual_info"] = self.metrics["mutual_info"].compute()
-        eps = self.metrics["epsilon"].compute()
-        values["val/epsilon_collapsed"] = eps["epsilon_collapsed"]
-        values["val/epsilon_delta_collapsed"] = eps["epsilon_delta_collapsed"]
+        for level in self.levels:
+            metrics, suffix = self.metrics[level], self._suffix(level)
+            kl = metrics["kl"].compute()
+            values[f"val/kl{suffix}"] = kl["kl"] + metrics["kl_rest"].compute()
+            values[f"val/active_units{suffix}"] = metrics["active_units"].compute()
+            values[f"val/mutual_info{suffix}"] = metrics["mutual_info"].compute()
+            eps = metrics["epsilon"].compute()
+            values[f"val/epsilon_collapsed{suffix}"] = eps["epsilon_collapsed"]
+            values[f"val/epsilon_delta_collapsed{suffix}"] = eps["epsilon_delta_collapsed"]
+            self.last_kl_per_dim_by_level[level] = kl["kl_per_dim"].detach().cpu()
         if "iw_nll" in self.metrics and self.metrics["iw_nll"].update_count:
             values["val/iw_nll"] = self.metrics["iw_nll"].compute()
         if "relative_fisher" in self.metrics and self.metrics["relative_fisher"].update_count:
@@ -144,16 +173,19 @@ class CollapseMonitor(L.Callback):
         for name, value in values.items():
             # Metrics are already synchronised across processes by torchmetrics.
             pl_module.log(name, value.float(), on_step=False, on_epoch=True, sync_dist=False)
-        self.last_kl_per_dim = kl["kl_per_dim"].detach().cpu()
+        self.last_kl_per_dim = self.last_kl_per_dim_by_level[self.levels[0]]
         if trainer.is_global_zero:
-            self._log_pictures(trainer, self.last_kl_per_dim)
+            for level in self.levels:
+                self._log_pictures(trainer, self.last_kl_per_dim_by_level[level],
+                                   self._suffix(level))
 
-    def _log_pictures(self, trainer: L.Trainer, kl_per_dim: torch.Tensor) -> None:
+    def _log_pictures(self, trainer: L.Trainer, kl_per_dim: torch.Tensor,
+                      suffix: str = "") -> None:
         writer = tensorboard(trainer)
         if writer is None:
             return
         step = trainer.global_step
-        writer.add_histogram("val/kl_per_dim", kl_per_dim, step)
+        writer.add_histogram(f"val/kl_per_dim{suffix}", kl_per_dim, step)
         import matplotlib
 
         matplotlib.use("Agg")
@@ -163,6 +195,7 @@ class CollapseMonitor(L.Callback):
         ax.bar(range(len(kl_per_dim)), kl_per_dim.numpy(), color="tab:blue")
         ax.set_xlabel("latent dimension")
         ax.set_ylabel("mean KL (nats)")
-        ax.set_title(f"KL per dimension, epoch {trainer.current_epoch}")
+        ax.set_title(f"KL per dimension{suffix.replace('_', ' of ')}, epoch "
+                     f"{trainer.current_epoch}")
         fig.tight_layout()
-        writer.add_figure("collapse/kl_per_dim", fig, step)
+        writer.add_figure(f"collapse/kl_per_dim{suffix}", fig, step)

@@ -22,13 +22,16 @@ def tensorboard(trainer: L.Trainer):
 class ImageLogger(L.Callback):
     """Every ``every_n_epochs`` validation epochs, log to TensorBoard
 
-    - ``images/reconstructions``: validation images (top rows) above E[x|z = E_q z] (bottom rows);
+    - ``images/reconstructions``: validation images (top rows) above their reconstructions
+      (bottom rows), both from the model's ``reconstructions(batch)`` (x and E[x|z = E_q z];
+      for a conditional model the targets y and E[y|x, z = E_q z]);
     - ``images/samples``: the model's ``sample(n)``, E[x|z] for z drawn from its own prior
       (N(0, η² I), a mixture, a hierarchy), from generators seeded by ``seed`` (the same draws
       every epoch, and the training's random streams untouched).
 
-    Only for image data (``data_shape`` = (C, H, W)); for other shapes it does nothing. It uses
-    the model's ``reconstruct`` and ``sample`` only, never its layers.
+    Only for images (what the model reconstructs has the shape (C, H, W)); for other shapes it
+    does nothing. It uses the model's ``reconstructions`` and ``sample`` only, never its layers;
+    a model whose ``sample`` needs more than a count (a conditional model) shows no samples.
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 32, seed: int = 0) -> None:
@@ -43,15 +46,18 @@ class ImageLogger(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
-        shape = tuple(getattr(pl_module, "data_shape", ()))
         writer = tensorboard(trainer)
         dm = getattr(trainer, "datamodule", None)
-        if writer is None or len(shape) != 3 or dm is None or not hasattr(dm, "tensors"):
+        if writer is None or dm is None or not hasattr(dm, "tensors"):
             return
-        x = dm.tensors("val")[0][: self.num_images].to(pl_module.device)
+        batch = [t[: self.num_images].to(pl_module.device) for t in dm.tensors("val")]
         step = trainer.global_step
         with torch.inference_mode():
-            recon = pl_module.reconstruct(x).clamp(0, 1)
+            x, recon = pl_module.reconstructions(batch)
+            if x.dim() != 4:
+                return
+            shape = tuple(x.shape[1:])
+            x, recon = x.float(), recon.float().clamp(0, 1)
             nrow = min(8, x.shape[0])
             grid = make_grid(torch.cat([x, recon]).cpu(), nrow=nrow, pad_value=1.0)
             writer.add_image("images/reconstructions", grid, step)

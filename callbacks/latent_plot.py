@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import inspect
-
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ilvae.callbacks.images import tensorboard
-from ilvae.errors import ConfigurationError
 
 
 class LatentPlot(L.Callback):
     """Every ``every_n_epochs`` validation epochs, log ``latent/posterior_means``: the posterior
     means E_q[z|x] of up to ``num_points`` validation examples on latent dimensions ``dims``,
-    coloured by label.
+    coloured by label (the last element of a validation example, when it is an integer). The
+    posterior is the model's first latent level (``latent_terms``, the model contract: q(z₁|x)
+    of a hierarchy, the moment-matched q(z|x) of a mixture, q(z|x, y) of a conditional model).
 
     For the two-Gaussian toy data (a datamodule with ``means`` and ``sigma``) a second panel shows
     the data with the true component means and their 2σ circles, the reference the posterior
@@ -30,15 +29,6 @@ class LatentPlot(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.num_points = num_points
         self.dims = tuple(dims)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Refused before training starts rather than failing after the first epoch.
-        try:
-            inspect.signature(pl_module.encode).bind(torch.empty(0))
-        except (TypeError, AttributeError):
-            raise ConfigurationError(
-                f"LatentPlot cannot plot {type(pl_module).__name__}: it needs a model whose "
-                "encode(x) takes the data alone") from None
 
     def figure(self, loc: torch.Tensor, y: torch.Tensor, dm: object = None):
         import matplotlib
@@ -79,8 +69,10 @@ class LatentPlot(L.Callback):
         dm = getattr(trainer, "datamodule", None)
         if writer is None or dm is None or not hasattr(dm, "tensors"):
             return
-        x, y = dm.tensors("val")
-        x, y = x[: self.num_points], y[: self.num_points]
+        batch = [t[: self.num_points] for t in dm.tensors("val")]
+        y = batch[-1] if len(batch) > 1 and not batch[-1].is_floating_point() else None
+        y = torch.full((batch[0].shape[0],), -1) if y is None else y
         with torch.inference_mode():
-            loc = pl_module.encode(x.to(pl_module.device)).loc.cpu()
+            terms = pl_module.latent_terms([t.to(pl_module.device) for t in batch])
+        loc = terms[0].posterior.loc.cpu()
         writer.add_figure("latent/posterior_means", self.figure(loc, y, dm), trainer.global_step)

@@ -7,7 +7,7 @@ from torch import Tensor
 from torch.distributions import Normal
 from torchmetrics import Metric
 
-from ilvae.metrics.kl_per_dimension import _check_prior_scale, _kl_normal
+from ilvae.metrics.kl_per_dimension import _check_prior_scale, _kl_normal, _per_example
 
 
 class EpsilonCollapse(Metric):
@@ -21,7 +21,9 @@ class EpsilonCollapse(Metric):
       (ε, δ)-collapsed iff P_x[KL_i(x) < ε] ≥ 1 − δ, the probability being the fraction of the
       evaluation set, P_i = (1/N) Σ_n 1[KL_i(x_n) < ε].
 
-    ``update(posterior)`` takes the ``Normal`` of ``model.encode(x)`` (loc, scale: (B, m)).
+    ``update(posterior)`` takes the ``Normal`` of ``model.encode(x)`` (loc, scale: (B, m));
+    ``update(posterior, kl)`` takes KL_i(x) itself, shape (B, m), against any prior (a model's
+    :class:`~ilvae.models.contract.LatentTerm`), and ignores ``prior_scale``.
     ``compute()`` returns a dict:
 
     - ``"epsilon_collapsed"``: int64 scalar, number of dimensions collapsed in the mean form;
@@ -58,8 +60,8 @@ class EpsilonCollapse(Metric):
         self.add_state("below", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, posterior: Normal) -> None:
-        kl = _kl_normal(posterior, self.prior_scale)
+    def update(self, posterior: Normal, kl: Tensor | None = None) -> None:
+        kl = _kl_normal(posterior, self.prior_scale) if kl is None else _per_example(kl)
         self.kl_sum = self.kl_sum + kl.sum(0)
         self.below = self.below + (kl < self.eps).sum(0)
         self.count = self.count + kl.shape[0]

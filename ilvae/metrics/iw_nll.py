@@ -46,6 +46,29 @@ def _repeat(x: Tensor, k: int) -> Tensor:
     return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
 
 
+def importance_weighted_nll(model: Any, x: Tensor, num_samples: int,
+                            chunk_size: int | None = None) -> Tensor:
+    """NLL_K(x) per example, (B,) float64 nats, for a model with one latent level: z_k drawn
+    from ``model.encode(x)``, scored by ``model.decoder.log_prob`` and ``model.prior.log_prob``
+    (formula and chunking as in :class:`ImportanceWeightedNLL`). Any proposal q gives a valid
+    bound, so q need not be the exact posterior (e.g. a mixture's moment-matched q(z|x)). The
+    model is in evaluation mode for the call; no gradients are recorded."""
+    with torch.no_grad(), _eval_mode(model):
+        posterior = model.encode(x)
+        batch = x.shape[0]
+        log_w = []
+        chunk = chunk_size or max(1, _CHUNK_VALUES // max(1, x[:1].numel() * batch))
+        for start in range(0, num_samples, chunk):
+            k = min(chunk, num_samples - start)
+            z = posterior.sample((k,))  # (k, B, m)
+            flat = z.reshape(k * batch, -1)
+            log_px = model.decoder.log_prob(_repeat(x, k), flat).reshape(k, batch)
+            log_pz = model.prior.log_prob(flat).reshape(k, batch)
+            log_qz = posterior.log_prob(z).sum(-1)
+            log_w.append((log_px + log_pz - log_qz).double())
+        return math.log(num_samples) - torch.logsumexp(torch.cat(log_w), dim=0)
+
+
 class ImportanceWeightedNLL(Metric):
     """Importance-weighted negative log-likelihood in nats (Burda et al., 2016).
 
@@ -59,8 +82,10 @@ class ImportanceWeightedNLL(Metric):
     when q(z|x) is the exact posterior. K = 500 is the convention in the collapse literature.
 
     ``update(x, model)``: x of shape (B, ...) as the likelihood expects it (already prepared,
-    e.g. not binarised again); ``model`` provides ``encode(x) -> Normal``, ``decoder`` (with
-    ``log_prob(x, z) -> (B,)``) and ``prior`` (``log_prob(z) -> (B,)``). The whole batch is
+    e.g. not binarised again); a model that offers ``iw_nll(x, num_samples, chunk_size)``
+    (per-example NLL_K, e.g. a two-level model) is measured by it, any other must provide
+    ``encode(x) -> Normal``, ``decoder`` (with ``log_prob(x, z) -> (B,)``) and ``prior``
+    (``log_prob(z) -> (B,)``) for :func:`importance_weighted_nll`. The whole batch is
     processed at once and the K samples in chunks of ``chunk_size`` (memory ~ chunk_size · B · D).
     By default (``None``) a chunk holds as many samples as keep its B·k·D likelihood terms near
     2²¹ values: the likelihood's elementwise passes then run on data that fits the CPU caches,
@@ -109,22 +134,14 @@ class ImportanceWeightedNLL(Metric):
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, x: Tensor, model: Any) -> None:
-        with torch.no_grad(), _eval_mode(model):
-            posterior = model.encode(x)
-            batch = x.shape[0]
-            log_w = []
-            chunk = self.chunk_size or max(1, _CHUNK_VALUES // max(1, x[:1].numel() * batch))
-            for start in range(0, self.num_samples, chunk):
-                k = min(chunk, self.num_samples - start)
-                z = posterior.sample((k,))  # (k, B, m)
-                flat = z.reshape(k * batch, -1)
-                log_px = model.decoder.log_prob(_repeat(x, k), flat).reshape(k, batch)
-                log_pz = model.prior.log_prob(flat).reshape(k, batch)
-                log_qz = posterior.log_prob(z).sum(-1)
-                log_w.append((log_px + log_pz - log_qz).double())
-            log_mean_w = torch.logsumexp(torch.cat(log_w), dim=0) - math.log(self.num_samples)
-        self.nll_sum = self.nll_sum - log_mean_w.sum()
-        self.count = self.count + batch
+        offered = getattr(model, "iw_nll", None)
+        with torch.no_grad():
+            if callable(offered):  # the model's own estimator (several levels, its own data)
+                nll = offered(x, num_samples=self.num_samples, chunk_size=self.chunk_size)
+            else:
+                nll = importance_weighted_nll(model, x, self.num_samples, self.chunk_size)
+        self.nll_sum = self.nll_sum + nll.double().sum()
+        self.count = self.count + nll.shape[0]
 
     def compute(self) -> Tensor:
         return self.nll_sum / self.count

@@ -35,6 +35,14 @@ def _kl_normal(posterior: Normal, prior_scale: float) -> Tensor:
     return 0.5 * ((loc / prior_scale) ** 2 + ratio - torch.log(ratio) - 1)
 
 
+def _per_example(kl: Tensor) -> Tensor:
+    """A given KL per example and dimension, detached, in float64: shape (B, m)."""
+    kl = kl.detach().double()
+    if kl.dim() != 2:
+        raise ValueError(f"kl must have shape (B, m), got {tuple(kl.shape)}")
+    return kl
+
+
 class KLPerDimension(Metric):
     """Mean KL divergence between the posterior and the prior, per latent dimension and in total.
 
@@ -44,7 +52,9 @@ class KLPerDimension(Metric):
         kl_i     = (1/N) Σ_n KL_i(x_n)                 (the mean over the evaluation set)
         kl       = Σ_i kl_i                             (nats, summed over latent dimensions)
 
-    ``update(posterior)`` takes the ``Normal`` of ``model.encode(x)`` (loc, scale: (B, m)).
+    ``update(posterior)`` takes the ``Normal`` of ``model.encode(x)`` (loc, scale: (B, m));
+    ``update(posterior, kl)`` takes KL_i(x) itself, shape (B, m), against any prior (a model's
+    :class:`~ilvae.models.contract.LatentTerm`), and ignores ``prior_scale``.
     ``compute()`` returns ``{"kl": kl, "kl_per_dim": (kl_1, …, kl_m)}``: a scalar and an (m,)
     vector, both float64. Sums are accumulated in float64 and summed across processes.
 
@@ -68,8 +78,8 @@ class KLPerDimension(Metric):
         self.add_state("kl_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, posterior: Normal) -> None:
-        kl = _kl_normal(posterior, self.prior_scale)
+    def update(self, posterior: Normal, kl: Tensor | None = None) -> None:
+        kl = _kl_normal(posterior, self.prior_scale) if kl is None else _per_example(kl)
         self.kl_sum = self.kl_sum + kl.sum(0)
         self.count = self.count + kl.shape[0]
 

@@ -3,6 +3,7 @@
 from ilvae.models.autoencoder import Autoencoder
 from ilvae.models.base import LatentVariableModel
 from ilvae.models.conditional import ConditionalVAE
+from ilvae.models.contract import LatentTerm
 from ilvae.models.hierarchical import HierarchicalVAE
 from ilvae.models.linear import LinearHVAE, LinearVAE
 from ilvae.models.mixture import GaussianMixturePrior, MixtureVAE
@@ -10,4 +11,4 @@ from ilvae.models.text import TextVAE
 from ilvae.models.vae import VAE
 
 __all__ = ["VAE", "Autoencoder", "ConditionalVAE", "GaussianMixturePrior", "HierarchicalVAE",
-           "LatentVariableModel", "LinearHVAE", "LinearVAE", "MixtureVAE", "TextVAE"]
+           "LatentTerm", "LatentVariableModel", "LinearHVAE", "LinearVAE", "MixtureVAE", "TextVAE"]

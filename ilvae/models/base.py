@@ -44,11 +44,8 @@ from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import Encoder, MLPEncoder
 from ilvae.errors import ConfigurationError
 from ilvae.loss_guard import LossGuard, is_nonfinite_parameter_error
+from ilvae.models.contract import LatentTerm
 from ilvae.priors import Prior, StandardNormal
-
-#: Why CollapseMonitor cannot measure a two-level model (its ``collapse_monitor_unsupported``).
-TWO_LEVEL_PRIOR = ("encode(x) is q(z₁|x), whose prior p(z₁|z₂) is not N(0, η² I); its "
-                   "validation step logs the KL of each level")
 
 
 def check_number(field: str, value: float, *, minimum: float = 0.0, strict: bool = False) -> float:
@@ -165,10 +162,6 @@ class LatentVariableModel(L.LightningModule):
     @loss_guard.setter
     def loss_guard(self, guard: LossGuard) -> None:
         self.__dict__["_loss_guard"] = guard
-
-    #: Why :class:`~ilvae.callbacks.CollapseMonitor` cannot measure this model (its metrics
-    #: compare q(z|x) = ``encode(x)`` with an N(0, η² I) prior), or None when it can.
-    collapse_monitor_unsupported: str | None = None
 
     #: Hand every training-step value to Lightning at every step (see the module docstring);
     #: ``None`` decides from the trainer's callbacks and settings.
@@ -300,6 +293,61 @@ class LatentVariableModel(L.LightningModule):
     def decode(self, z: Tensor) -> Tensor:
         """Decoder output parameter θ (mean or logits), shape (B, data_dim)."""
         return self.decoder(z)
+
+    # ---------------------------------------------------------------- contract
+    #: Names of the latent levels, in the order of :meth:`latent_terms`.
+    latent_levels: tuple[str, ...] = ("z",)
+
+    def latent_terms(self, batch: Any) -> list[LatentTerm]:
+        """One :class:`~ilvae.models.contract.LatentTerm` per latent level for ``batch``: here
+        q(z|x) = ``encode(x)`` and KL(q(z_i|x) ‖ p(z_i)) against ``prior`` (closed form for
+        N(0, η² I), else the prior's one-sample estimate)."""
+        x, _ = self.unpack(batch)
+        posterior = self.encode(x)
+        scale = getattr(self.prior, "scale", None)
+        eta = float(scale) if isinstance(scale, Tensor) and scale.numel() == 1 else None
+        return [LatentTerm("z", posterior, self.prior.kl(posterior), prior_scale=eta)]
+
+    def reconstructions(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """What the model reconstructs from ``batch`` and its reconstruction, both shaped like
+        the data: here x and ``reconstruct(x)``."""
+        x, _ = self.unpack(batch)
+        return x, self.reconstruct(x)
+
+    @property
+    def schedulable(self) -> tuple[str, ...]:
+        """Names of the hyper-parameters that schedules and controllers may set
+        (:meth:`set_hparam`); the model logs each as ``train/<name>`` while training."""
+        return ()
+
+    def get_hparam(self, name: str) -> float:
+        """The current value of the schedulable hyper-parameter ``name``."""
+        owner, attribute = self._hparam_owner(self._check_schedulable(name))
+        return float(getattr(owner, attribute))
+
+    def set_hparam(self, name: str, value: float) -> None:
+        """Set the schedulable hyper-parameter ``name`` to ``value``."""
+        owner, attribute = self._hparam_owner(self._check_schedulable(name))
+        setattr(owner, attribute, float(value))
+
+    def schedulable_note(self, name: str) -> str:
+        """Why ``name`` is not schedulable here, for the one-line refusal ('' when no reason is
+        known beyond the list of names)."""
+        return ""
+
+    def _hparam_owner(self, name: str) -> tuple[Any, str]:
+        """(object, attribute) holding the schedulable hyper-parameter ``name``."""
+        return self, name
+
+    def _check_schedulable(self, name: str, field: str = "target") -> str:
+        names = self.schedulable
+        if name not in names:
+            allowed = ", ".join(names) if names else "none"
+            note = self.schedulable_note(name)
+            raise ConfigurationError(
+                f"{field}={name!r} is not allowed: expected a hyper-parameter that "
+                f"{type(self).__name__} declares schedulable ({allowed}){note}")
+        return name
 
 
 def _guarded(step: Any) -> Any:

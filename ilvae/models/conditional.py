@@ -18,6 +18,7 @@ from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import Encoder, EncoderCallable, MLPEncoder, check_hidden
 from ilvae.errors import ConfigurationError
 from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.models.contract import LatentTerm
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import StandardNormal
 
@@ -107,8 +108,7 @@ class ConditionalVAE(LatentVariableModel):
         optimizer, lr_scheduler: LightningCLI callables (default Adam, lr 1e-3).
     """
 
-    collapse_monitor_unsupported = ("its posterior q(z|x, y) needs the target y and its prior "
-                                   "is p(z|x); its validation step logs the KL")
+    schedulable = ("beta",)
 
     def __init__(self, data_shape: tuple[int, ...] = (196,),
                  target_shape: tuple[int, ...] = (588,), latent_dim: int = 16,
@@ -279,6 +279,20 @@ class ConditionalVAE(LatentVariableModel):
         x, y = self.unpack(batch)
         posterior = self.encode(x, y)
         return {"loc": posterior.loc, "scale": posterior.scale, "prediction": self.predict(x)}
+
+    # -------------------------------------------------------------- contract
+    def latent_terms(self, batch: Any) -> list[LatentTerm]:
+        """The level z: q(z|x, y) against the matching prior p(z|x) (N(0, η_enc² I) for the
+        standard prior), KL per example and dimension in closed form."""
+        x, y = self.unpack(batch)
+        posterior = self.encode(x, y)
+        return [LatentTerm("z", posterior, kl_divergence(posterior, self.prior_distribution(x)))]
+
+    def reconstructions(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """The targets y of ``batch`` and E[y|x, z] at the posterior mean, both shaped like
+        the targets."""
+        x, y = self.unpack(batch)
+        return y.reshape(-1, *self.target_shape), self.reconstruct(x, y)
 
     # ------------------------------------------------------------- collapse
     @torch.no_grad()

@@ -18,7 +18,8 @@ from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import EncoderCallable, MLPEncoder, check_hidden, make_activation
 from ilvae.errors import ConfigurationError
 from ilvae.metrics import ActiveUnits, KLPerDimension
-from ilvae.models.base import TWO_LEVEL_PRIOR, LatentVariableModel, check_number
+from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.models.contract import LatentTerm, two_level_terms
 from ilvae.priors import StandardNormal
 
 # Likelihood terms per IW chunk: keeps the K-sample passes cache-sized (as ImportanceWeightedNLL).
@@ -79,10 +80,9 @@ class HierarchicalVAE(LatentVariableModel):
     per epoch ``{stage}/kl_z2_per_dim/j`` (E KL(q(z₂ⱼ|z₁) ‖ p(z₂ⱼ)), one z₁ sample per
     example), ``{stage}/epsilon_collapsed_z2`` (dimensions with that mean below ``eps`` nats)
     and ``{stage}/active_units_z1``, ``{stage}/active_units_z2`` (Burda et al.'s AU on μ₁(x)
-    and on μ₂(μ₁(x)), threshold ``au_threshold``). The module logs its own ``iw_nll``
-    (``computes_iw_nll``), so :class:`~ilvae.callbacks.CollapseMonitor` leaves it alone; that
-    callback's other metrics compare ``encode`` (q(z₁|x)) with ``prior`` (p(z₂)) and do not
-    describe this model: use the per-level counts above.
+    and on μ₂(μ₁(x)), threshold ``au_threshold``). :meth:`latent_terms` gives
+    :class:`~ilvae.callbacks.CollapseMonitor` both levels, each against its own prior, and
+    :meth:`iw_nll` its ``val/iw_nll``; ``schedulable`` names ``beta_1`` and ``beta_2``.
 
     Args:
         data_shape: shape of one example (supplied by the datamodule in the CLI).
@@ -100,10 +100,7 @@ class HierarchicalVAE(LatentVariableModel):
         optimizer, lr_scheduler: LightningCLI callables (default Adam, lr 1e-3).
     """
 
-    collapse_monitor_unsupported = TWO_LEVEL_PRIOR
-
-    #: The module logs its own two-level ``val/iw_nll``; CollapseMonitor leaves it alone.
-    computes_iw_nll = True
+    latent_levels = ("z1", "z2")
 
     def __init__(self, data_shape: tuple[int, ...] = (64,), latent_dim: int = 16,
                  latent_dim_2: int | None = None, encoder: EncoderCallable | None = None,
@@ -235,6 +232,16 @@ class HierarchicalVAE(LatentVariableModel):
         finally:
             for module, flag in zip(modules, flags, strict=True):
                 module.training = flag
+
+    # -------------------------------------------------------------- contract
+    schedulable = ("beta_1", "beta_2")
+
+    def latent_terms(self, batch: Any) -> list[LatentTerm]:
+        """Both levels, each against its own prior, in closed form at the posterior means
+        (deterministic, so a validation measurement does not depend on a draw):
+        :func:`~ilvae.models.contract.two_level_terms` with p(z₁|z₂) = :meth:`conditional_z1`."""
+        x, _ = self.unpack(batch)
+        return two_level_terms(self.encode(x), self.encode_z2, self.conditional_z1, self.prior)
 
     # ------------------------------------------------------------ diagnostics
     @torch.no_grad()

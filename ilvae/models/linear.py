@@ -20,7 +20,9 @@ from ilvae import theory
 from ilvae.decoders.base import Decoder
 from ilvae.encoders import Encoder
 from ilvae.errors import ConfigurationError
-from ilvae.models.base import TWO_LEVEL_PRIOR, LatentVariableModel, check_number
+from ilvae.metrics.iw_nll import importance_weighted_nll
+from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.models.contract import LatentTerm, two_level_terms
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import StandardNormal
 
@@ -110,6 +112,11 @@ class _LinearModel(LatentVariableModel):
 
     _logged_weights: tuple[str, ...] = ()
 
+    @property
+    def schedulable(self) -> tuple[str, ...]:
+        """The loss weights (``beta``, or ``beta_1`` and ``beta_2``), logged as ``train/<name>``."""
+        return self._logged_weights
+
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
@@ -126,6 +133,20 @@ class _LinearModel(LatentVariableModel):
                 self.log(f"train/{name}", float(getattr(self, name)), on_step=True,
                          on_epoch=False)
         return loss
+
+    def _sample_first_level(self, n: int) -> Tensor:
+        return self.prior.sample(n)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """E[x|z] for n draws from the model's prior (z ~ p(z), or z₂ ~ p(z₂), z₁ ~ p(z₁|z₂)),
+        shaped like the data."""
+        return self.decoder.mean(self._sample_first_level(n)).reshape(n, *self.data_shape)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """E[x|z] at the posterior mean z = E_q[z|x] (z₁ for the HVAE)."""
+        return self.decoder.mean(self.encode(x).loc).reshape(x.shape[0], *self.data_shape)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Parameters of q(z|x) (q(z₁|x) for the HVAE), with the label when there is one."""
@@ -209,6 +230,12 @@ class LinearVAE(_LinearModel):
         return beta_vae_loss(out["log_px"], out["kl"], self.beta)
 
     # ------------------------------------------------------------ diagnostics
+    def iw_nll(self, x: Tensor, num_samples: int = 500,
+               chunk_size: int | None = None) -> Tensor:
+        """Importance-weighted NLL per example, (B,) float64 nats, K = ``num_samples``
+        (:func:`~ilvae.metrics.iw_nll.importance_weighted_nll`)."""
+        return importance_weighted_nll(self, x, num_samples, chunk_size)
+
     def decoder_singular_values(self) -> Tensor:
         """Measured ω: singular values of U, decreasing, float64 (latent_dim,)."""
         return self.decoder.singular_values()
@@ -290,8 +317,7 @@ class LinearHVAE(_LinearModel):
         optimizer, lr_scheduler: LightningCLI callables (default Adam, lr 1e-3).
     """
 
-    collapse_monitor_unsupported = TWO_LEVEL_PRIOR
-
+    latent_levels = ("z1", "z2")
     _logged_weights = ("beta_1", "beta_2")
 
     def __init__(self, data_shape: tuple[int, ...] = (16,), latent_dim: int = 8,
@@ -361,6 +387,20 @@ class LinearHVAE(_LinearModel):
         loss = recon + self.beta_1 * kl_z1 + self.beta_2 * kl_z2
         return loss, {"loss": loss, "recon": recon, "kl_z1": kl_z1, "kl_z2": kl_z2,
                       "kl": kl_z1 + kl_z2, "elbo": -(recon + kl_z1 + kl_z2)}
+
+    def conditional_z1(self, z2: Tensor) -> Normal:
+        """p(z₁|z₂) = N(V z₂, η_dec² I) with loc/scale of shape (B, latent_dim)."""
+        loc = self.decoder_z1(z2)
+        return Normal(loc, self.decoder_z1.likelihood.variance.sqrt().expand_as(loc))
+
+    def _sample_first_level(self, n: int) -> Tensor:
+        return self.conditional_z1(self.prior.sample(n)).sample()
+
+    def latent_terms(self, batch: Any) -> list[LatentTerm]:
+        """Both levels, each against its own prior, in closed form at the posterior means
+        (:func:`~ilvae.models.contract.two_level_terms`)."""
+        x, _ = self.unpack(batch)
+        return two_level_terms(self.encode(x), self.encode_z2, self.conditional_z1, self.prior)
 
     # ------------------------------------------------------------ diagnostics
     def decoder_singular_values(self, level: int = 2) -> Tensor:

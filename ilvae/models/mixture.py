@@ -105,7 +105,9 @@ from ilvae.decoders.il_brenier import ILBrenierDecoder
 from ilvae.encoders import Encoder, EncoderCallable, MLPEncoder, check_hidden, mlp
 from ilvae.errors import ConfigurationError
 from ilvae.metrics.cluster_accuracy import ClusterAccuracy
+from ilvae.metrics.iw_nll import importance_weighted_nll
 from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.models.contract import LatentTerm
 from ilvae.priors import Prior
 
 # Relative margin by which the rescaled means exceed L₁√2, so rounding cannot undercut it.
@@ -340,9 +342,6 @@ class MixtureVAE(LatentVariableModel):
     q(c|x).
     """
 
-    collapse_monitor_unsupported = ("its prior over z is a mixture p(z|c), not N(0, η² I); "
-                                   "its validation step logs the KL terms kl_z and kl_c")
-
     def __init__(self, data_shape: tuple[int, ...] = (64,), latent_dim: int = 16,
                  num_components: int = 10, L1: float | None = None,
                  l1_reading: Literal["decoder", "prior_means"] = "decoder",
@@ -504,6 +503,52 @@ class MixtureVAE(LatentVariableModel):
         kl_c = (log_q.exp() * (log_q + math.log(self.num_components))).sum(-1).mean()
         kl_z = kl_per_dim.sum()
         return {"kl_per_dim": kl_per_dim, "kl_z": kl_z, "kl_c": kl_c, "kl": kl_z + kl_c}
+
+    # -------------------------------------------------------------- contract
+    def latent_terms(self, batch: Any) -> list[LatentTerm]:
+        """The level z against the mixture prior, as in :meth:`kl_terms` but per example:
+        posterior the moment-matched q(z|x) of :meth:`encode`,
+        kl_i(x) = Σ_c q(c|x) KL(q(z_i|x, c) ‖ p(z_i|c)) (B, m) and
+        kl_rest(x) = KL(q(c|x) ‖ p(c)) (B,), so the level's total KL is the ELBO's."""
+        x, _ = self.unpack(batch)
+        xf = x.flatten(1)
+        log_q = torch.log_softmax(self.cluster_logits(xf), dim=-1)
+        per_dim = self.prior.component_kl(self.component_posterior(xf))  # (K, B, m)
+        kl = (log_q.exp().t().unsqueeze(-1) * per_dim).sum(0)
+        kl_c = (log_q.exp() * (log_q + math.log(self.num_components))).sum(-1)
+        return [LatentTerm("z", self.encode(x), kl, kl_rest=kl_c)]
+
+    @property
+    def schedulable(self) -> tuple[str, ...]:
+        """``beta``; ``L`` when the decoder has an inverse-Lipschitz constant; ``L1`` with
+        ``l1_reading="prior_means"`` and a constant mean map (L₂ is then the decoder's ``L``;
+        with ``l1_reading="decoder"`` L₁, L₂ are fixed factors of the decoder's ``L``, which
+        keeps their ratio when ``L`` is set)."""
+        names = ["beta"]
+        if hasattr(self.decoder, "L"):
+            names.append("L")
+        if self.l1_reading == "prior_means" and self.prior.L is not None:
+            names.append("L1")
+        return tuple(names)
+
+    def _hparam_owner(self, name: str) -> tuple[Any, str]:
+        return (self.decoder, "L") if name == "L" else (self, name)
+
+    def schedulable_note(self, name: str) -> str:
+        if name in ("L1", "L2") and self.l1_reading == "decoder":
+            return (f"; with l1_reading='decoder' {name} is a factor of the decoder's L: "
+                    "schedule L")
+        if name == "L1":
+            return "; L1 needs l1_reading='prior_means' and a number L1 (not free means)"
+        return ""
+
+    def iw_nll(self, x: Tensor, num_samples: int = 500,
+               chunk_size: int | None = None) -> Tensor:
+        """Importance-weighted NLL per example, (B,) float64 nats, against the mixture prior
+        p(z) = Σ_c p(c) p(z|c), with the moment-matched q(z|x) of :meth:`encode` as proposal
+        (any proposal gives a valid bound;
+        :func:`~ilvae.metrics.iw_nll.importance_weighted_nll`)."""
+        return importance_weighted_nll(self, x, num_samples, chunk_size)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """One enumerated pass: ``logits`` (B, K) of q(c|x), ``posterior`` q(z|x, c) (K, B, m),

@@ -282,8 +282,13 @@ class TextVAE(LatentVariableModel):
     (torch.Size([1, 4]), torch.Size([1]))
     """
 
-    #: The module logs its own ``val/iw_nll`` over sentences; CollapseMonitor leaves it alone.
-    computes_iw_nll = True
+    @property
+    def schedulable(self) -> tuple[str, ...]:
+        """``beta``, and ``L`` (the decoder's settable constant) with the ``"brenier"`` output."""
+        return ("beta", "L") if hasattr(self.decoder, "L") else ("beta",)
+
+    def _hparam_owner(self, name: str) -> tuple[Any, str]:
+        return (self.decoder, "L") if name == "L" else (self, name)
 
     def __init__(self, data_shape: tuple[int, ...], vocab_size: int, latent_dim: int = 32,
                  embedding_dim: int = 256, hidden_dim: int = 512,

@@ -14,6 +14,7 @@ from ilvae.decoders.base import DecoderCallable
 from ilvae.encoders import EncoderCallable
 from ilvae.errors import ConfigurationError
 from ilvae.likelihoods import Bernoulli, binarization_generator, binarize_fixed
+from ilvae.metrics.iw_nll import importance_weighted_nll
 from ilvae.models.base import EpochSum, LatentVariableModel, check_number
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import PriorCallable
@@ -180,6 +181,28 @@ class VAE(LatentVariableModel):
         if y is not None:
             out["y"] = y
         return out
+
+    # -------------------------------------------------------------- contract
+    @property
+    def schedulable(self) -> tuple[str, ...]:
+        """``beta``, and ``L`` (the decoder's inverse-Lipschitz constant) when the decoder
+        has one."""
+        return ("beta", "L") if hasattr(self.decoder, "L") else ("beta",)
+
+    def _hparam_owner(self, name: str) -> tuple[Any, str]:
+        return (self.decoder, "L") if name == "L" else (self, name)
+
+    def schedulable_note(self, name: str) -> str:
+        if name == "L":
+            return (f"; the decoder {type(self.decoder).__name__} has no inverse-Lipschitz "
+                    "constant `L`: use a decoder that has one (e.g. il_brenier)")
+        return ""
+
+    def iw_nll(self, x: Tensor, num_samples: int = 500,
+               chunk_size: int | None = None) -> Tensor:
+        """Importance-weighted NLL per example, (B,) float64 nats, K = ``num_samples``
+        (:func:`~ilvae.metrics.iw_nll.importance_weighted_nll`)."""
+        return importance_weighted_nll(self, x, num_samples, chunk_size)
 
     # ----------------------------------------------------------- generation
     @torch.no_grad()

@@ -397,3 +397,73 @@ def test_controller_reads_the_logged_step_kl(tmp_path):
     kls = [k for k, _ in seen]
     np.testing.assert_allclose([s for _, s in seen], np.cumsum(kls), rtol=1e-6)
     assert min(kls) > 0
+
+
+# ----------------------------------------------------------------------------- named targets
+def _hvae():
+    from ilvae.models import HierarchicalVAE
+
+    torch.manual_seed(0)
+    return HierarchicalVAE(data_shape=(4,), latent_dim=2, hidden_2=[8], num_iw_samples=0,
+                           beta_1=0.7, encoder={"class_path": "ilvae.encoders.MLPEncoder",
+                                                "init_args": {"hidden": [8]}},
+                           decoder={"class_path": "mlp",
+                                    "init_args": {"hidden": [8], "likelihood": "gaussian"}})
+
+
+def test_kl_annealing_of_beta_2_sets_the_hvae_weight_by_the_formula_and_logs_it(tmp_path):
+    seen = []
+
+    class _Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.global_step - 1, pl_module.beta_1, pl_module.beta_2,
+                         float(trainer.callback_metrics["train/beta_2"])))
+
+    annealing = KLAnnealing(length=6, start=0.2, end=1.4, delay=2, target="beta_2")
+    trainer = pl.Trainer(max_steps=10, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         log_every_n_steps=1, default_root_dir=tmp_path,
+                         callbacks=[annealing, _Spy()])
+    model = _hvae()
+    train, val = _data()
+    trainer.fit(model, train, val)
+    assert [s for s, *_ in seen] == list(range(10))
+    for step, beta_1, beta_2, logged in seen:
+        # β₂ = 0.2 until step 2, then linear to 1.4 over 6 steps
+        expected = 0.2 + 1.2 * min(max(step - 2, 0), 6) / 6
+        assert beta_2 == pytest.approx(expected, abs=1e-12)
+        assert logged == pytest.approx(expected, rel=1e-6)
+        assert beta_1 == 0.7  # the other level's weight is left alone
+    assert model.get_hparam("beta_2") == pytest.approx(1.4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: KLAnnealing(length=5, target="beta_3"),
+    lambda: InverseLipschitzAnnealing(start=1.0, end=0.0, length=5),
+    lambda: TargetKLController(kl_target=1.0, target="beta"),
+])
+def test_a_target_the_model_does_not_declare_is_one_line_naming_its_schedulable_names(
+        make, tmp_path):
+    callback = make()
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[callback])
+    train, val = _data()
+    with pytest.raises(ValueError) as error:
+        trainer.fit(_hvae(), train, val)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"target={callback.target!r} is not allowed" in message
+    assert "HierarchicalVAE" in message and "(beta_1, beta_2)" in message
+
+
+def test_a_non_default_target_keeps_its_own_checkpoint_state():
+    assert KLAnnealing(length=5).state_key == "KLAnnealing"
+    assert KLAnnealing(length=5, target="beta_2").state_key != "KLAnnealing"
+
+
+def test_the_controller_sign_follows_the_target_name():
+    assert TargetKLController(kl_target=1.0, target="beta_2").sign == 1
+    assert TargetKLController(kl_target=1.0, target="L1").sign == -1
+    assert TargetKLController(kl_target=1.0, target="gamma", sign=-1).sign == -1

@@ -183,6 +183,25 @@ def test_prior_means_reading_puts_L1_on_the_means_and_L2_is_the_decoder_L():
     assert (_code_ratios(model.prior) >= 1.5).all()
 
 
+def test_schedulable_names_follow_the_reading_and_set_the_constants_they_name():
+    model = _model(L1=1.5, decoder=_il(4.0))  # prior_means: L1 on the mean map, L the decoder's
+    assert model.schedulable == ("beta", "L", "L1")
+    model.set_hparam("L1", 0.5)
+    model.set_hparam("L", 2.0)
+    assert model.prior.L == pytest.approx(0.5) and model.decoder.L == pytest.approx(2.0)
+    assert (_code_ratios(model.prior) >= 0.5 - 1e-6).all()
+    assert model.get_hparam("L1") == pytest.approx(0.5)
+    default = MixtureVAE(data_shape=(5,), latent_dim=4, num_components=3,
+                         decoder=_il(6.0, 2.0, 3.0))
+    assert default.schedulable == ("beta", "L")
+    with pytest.raises(ConfigurationError) as error:
+        default.set_hparam("L1", 1.0)
+    assert "target='L1' is not allowed" in str(error.value) and "schedule L" in str(error.value)
+    gmvae = MixtureVAE(data_shape=(5,), latent_dim=4, num_components=3,
+                       decoder={"class_path": "mlp", "init_args": {"likelihood": "gaussian"}})
+    assert gmvae.schedulable == ("beta",)
+
+
 def test_L1_on_the_model_with_the_default_reading_is_refused_naming_the_fix():
     with pytest.raises(ConfigurationError, match="L1=5.0 is not allowed with "
                        "l1_reading='decoder'.*l1_reading='prior_means'"):
