@@ -30,9 +30,11 @@ class CollapseMonitor(L.Callback):
     belongs to no dimension), ``val/active_units`` (Burda et al., threshold ``au_threshold``),
     ``val/mutual_info`` (aggregate posterior over the whole validation set; the prior cancels),
     ``val/epsilon_collapsed`` and ``val/epsilon_delta_collapsed`` (Lucas et al.); for a model
-    with several levels each name carries the level, ``val/kl_z1``, ``val/active_units_z2``, ….
-    The per-dimension KL also goes to TensorBoard as a histogram (``val/kl_per_dim``) and a bar
-    chart (``collapse/kl_per_dim``), per level likewise.
+    with several levels each name carries the level (``val/active_units_z2``, …), except the
+    KL: the model logs its own per-level ELBO terms under ``val/kl_z1``, …, so the levels'
+    contract KL goes to the per-dimension histogram (``val/kl_per_dim_z1``) and bar chart
+    (``collapse/kl_per_dim_z1``) and to ``last_kl_per_dim_by_level``. With one level the
+    per-dimension KL goes to ``val/kl_per_dim`` and ``collapse/kl_per_dim``.
 
     Where the model offers them: ``val/iw_nll`` (K = ``num_iw_samples``) through the model's
     ``iw_nll(x, num_samples, chunk_size)``, and ``val/relative_fisher``,
@@ -156,7 +158,12 @@ class CollapseMonitor(L.Callback):
         for level in self.levels:
             metrics, suffix = self.metrics[level], self._suffix(level)
             kl = metrics["kl"].compute()
-            values[f"val/kl{suffix}"] = kl["kl"] + metrics["kl_rest"].compute()
+            if len(self.levels) == 1:
+                # With several levels the model logs its own per-level KL terms of the ELBO
+                # (``val/kl_z1``, …, from its sampled upper levels); a second value under the
+                # same name would overwrite them, so the levels' KL goes to the per-dimension
+                # histograms and ``last_kl_per_dim_by_level`` only.
+                values["val/kl"] = kl["kl"] + metrics["kl_rest"].compute()
             values[f"val/active_units{suffix}"] = metrics["active_units"].compute()
             values[f"val/mutual_info{suffix}"] = metrics["mutual_info"].compute()
             eps = metrics["epsilon"].compute()
