@@ -232,20 +232,30 @@ def _findings(ctx: StudyContext, data_name: str, table: list[dict]) -> None:
     by = {r["model"]: r for r in table}
     il = sorted((r for r in table if r["model"].startswith("IL-LIDVAE (L=")),
                 key=lambda r: r["L"])
+    # Strict comparisons of the KL (the information the latent carries, an upper bound on the
+    # mutual information): active units and the whole-set MI saturate at this size (every model
+    # keeps 16/16 units and the MI estimator is capped at log N), so ties there prove nothing.
     if len(il) >= 2:
-        ctx.finding(f"{data_name}: larger L keeps more information in the latent (mutual "
-                    "information grows with L; Kinoshita et al.)",
-                    il[-1]["mutual_info"] >= il[0]["mutual_info"],
-                    ", ".join(f"L={r['L']:g}: MI {r['mutual_info']:.3f}" for r in il))
+        ctx.finding(f"{data_name}: larger L keeps more information in the latent (KL grows "
+                    "with L; Kinoshita et al.)",
+                    il[-1]["kl"] > il[0]["kl"],
+                    ", ".join(f"L={r['L']:g}: KL {r['kl']:.2f}, MI {r['mutual_info']:.3f}"
+                              for r in il))
     if "β-VAE (β=4)" in by:
-        ctx.finding(f"{data_name}: β > 1 increases collapse (fewer active units than β = 1)",
-                    by["β-VAE (β=4)"]["active_units"] <= by["VAE"]["active_units"],
-                    f"AU β=4: {by['β-VAE (β=4)']['active_units']}, β=1: "
+        ctx.finding(f"{data_name}: β > 1 increases collapse (lower KL, no more active units "
+                    "than β = 1)",
+                    by["β-VAE (β=4)"]["kl"] < by["VAE"]["kl"]
+                    and by["β-VAE (β=4)"]["active_units"] <= by["VAE"]["active_units"],
+                    f"β=4: KL {by['β-VAE (β=4)']['kl']:.2f}, AU "
+                    f"{by['β-VAE (β=4)']['active_units']}; β=1: KL {by['VAE']['kl']:.2f}, AU "
                     f"{by['VAE']['active_units']}")
     if "LIDVAE (L=0)" in by and il:
-        ctx.finding(f"{data_name}: IL-LIDVAE (largest L) is less collapsed than LIDVAE (L=0)",
-                    il[-1]["active_units"] >= by["LIDVAE (L=0)"]["active_units"],
-                    f"AU L={il[-1]['L']:g}: {il[-1]['active_units']}, L=0: "
+        ctx.finding(f"{data_name}: IL-LIDVAE (largest L) is less collapsed than LIDVAE (L=0) "
+                    "(higher KL, at least as many active units)",
+                    il[-1]["kl"] > by["LIDVAE (L=0)"]["kl"]
+                    and il[-1]["active_units"] >= by["LIDVAE (L=0)"]["active_units"],
+                    f"L={il[-1]['L']:g}: KL {il[-1]['kl']:.2f}, AU {il[-1]['active_units']}; "
+                    f"L=0: KL {by['LIDVAE (L=0)']['kl']:.2f}, AU "
                     f"{by['LIDVAE (L=0)']['active_units']}")
 
 
