@@ -61,8 +61,8 @@ Measured on the two-Gaussian toy data, σ = 7.5, Bayes limit 0.827 (K = 2, m = 2
 likelihood σ_x = 1, MLP widths 64, ICNN widths [64, 64] with the earlier output-weight scale
 ``output_init="fan_in"``, Adam 3e-3, batch 256, 3000 steps; test-split accuracy,
 KL_c = E KL(q(c|x) ‖ p(c))). With the current defaults (``output_init="unit"``) the quick
-``toy`` study gives, seed 0: LIDMVAE 0.801, IL-LIDMVAE (L₁ = L₂ = 5) 0.821. Reading "prior_means" in raw data units
-(means 14.1 apart, data spread √(tr Cov x) = 12.7):
+``toy`` study gives, seed 0: LIDMVAE 0.801, IL-LIDMVAE (L₁ = L₂ = 5) 0.821.
+Reading "prior_means" in raw data units (means 14.1 apart, data spread √(tr Cov x) = 12.7):
 
 =============  ==================  ==================  ==================
 L₁ = L₂        seed 0              seed 1              seed 2
