@@ -78,30 +78,6 @@ class MLPEncoder(Encoder):
         return self._normal(self.net(x.flatten(1)), self.min_scale)
 
 
-class ConvEncoder(Encoder):
-    """Small convolutional encoder for (C, H, W) images: stride-2 3×3 convolutions with
-    ``channels`` filters, then a linear map to (μ, s)."""
-
-    def __init__(self, data_shape: tuple[int, ...], latent_dim: int,
-                 channels: list[int] = [32, 64], activation: str = "relu",
-                 min_scale: float = 1e-4) -> None:
-        super().__init__(data_shape, latent_dim)
-        if len(self.data_shape) != 3:
-            raise ValueError(f"ConvEncoder needs image data of shape (C, H, W), got {data_shape}")
-        c, h, w = self.data_shape
-        layers: list[nn.Module] = []
-        for out in check_hidden(channels, "channels"):
-            layers += [nn.Conv2d(c, out, 3, stride=2, padding=1), make_activation(activation)]
-            c, h, w = out, (h + 1) // 2, (w + 1) // 2
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        self.head = nn.Linear(c * h * w, 2 * latent_dim)
-        self.min_scale = min_scale
-
-    def forward(self, x: Tensor) -> Normal:
-        x = x.reshape(-1, *self.data_shape)
-        return self._normal(self.head(self.features(x)), self.min_scale)
-
-
 class LSTMEncoder(nn.Module):
     """q(z|x) = N(μ, diag s²) from the LSTM state after the last non-pad token:
     embedding → LSTM → linear → (μ, softplus(·) + ``min_scale``)."""
