@@ -14,7 +14,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from ilvae._config import Configurable
 from ilvae.decoders.il_brenier import ILBrenierDecoder
 from ilvae.encoders import check_hidden
-from ilvae.errors import ConfigurationError, check_number
+from ilvae.errors import ConfigurationError, check, check_number
 
 
 class Prior(Configurable, nn.Module):
@@ -25,7 +25,7 @@ class Prior(Configurable, nn.Module):
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
         if latent_dim <= 0:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+            check("latent_dim", latent_dim, "a positive integer")
         self.latent_dim = latent_dim
 
     def log_prob(self, z: Tensor) -> Tensor:
@@ -49,7 +49,7 @@ class StandardNormal(Prior):
     def __init__(self, latent_dim: int, scale: float = 1.0) -> None:
         super().__init__(latent_dim)
         if not scale > 0:
-            raise ValueError(f"prior scale must be > 0, got {scale}")
+            check("scale", scale, "a number > 0")
         self.register_buffer("scale", torch.tensor(float(scale)))
 
     def log_prob(self, z: Tensor) -> Tensor:

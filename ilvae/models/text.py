@@ -27,7 +27,7 @@ from torch.distributions import Normal
 from ilvae._config import build_component
 from ilvae.decoders.lstm import CLASS_OFFSET, LSTMDecoder
 from ilvae.encoders import LSTMEncoder
-from ilvae.errors import ConfigurationError
+from ilvae.errors import ConfigurationError, check
 from ilvae.metrics.text_nll import TextNLL
 from ilvae.models.base import LatentVariableModel, check_number
 from ilvae.objectives import beta_vae_loss
@@ -39,8 +39,7 @@ Z_INJECTIONS = ("standard", "brenier")
 
 def _positive_int(field: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{field}={value!r} is not allowed: expected an integer >= "
-                                 f"{minimum}")
+        check(field, value, f"an integer >= {minimum}")
     return int(value)
 
 
@@ -132,16 +131,14 @@ class TextVAE(LatentVariableModel):
         embedding_dim = _positive_int("embedding_dim", embedding_dim)
         hidden_dim = _positive_int("hidden_dim", hidden_dim)
         if z_injection not in Z_INJECTIONS:
-            raise ConfigurationError(f"z_injection={z_injection!r} is unknown; choose one of "
-                                     f"{', '.join(Z_INJECTIONS)}")
+            check("z_injection", z_injection, f"one of {', '.join(map(repr, Z_INJECTIONS))}")
         if z_injection == "brenier" and self.vocab_size - CLASS_OFFSET - 1 < self.latent_dim:
             raise ConfigurationError(
                 f"vocab_size={vocab_size} is too small for z_injection='brenier' with "
                 f"latent_dim={latent_dim}: the Brenier map needs vocab_size - 3 >= latent_dim")
         self.word_dropout = check_number("word_dropout", word_dropout)
         if self.word_dropout >= 1:
-            raise ConfigurationError(f"word_dropout={word_dropout!r} is not allowed: expected a "
-                                     "probability in [0, 1)")
+            check("word_dropout", word_dropout, "a probability in [0, 1)")
         self.beta = check_number("beta", beta)
         self.free_bits = check_number("free_bits", free_bits)
         self.num_iw_samples = _positive_int("num_iw_samples", num_iw_samples, 0)
