@@ -80,24 +80,27 @@ class CollapseMonitor(L.Callback):
         self.last_kl_per_dim_by_level: dict[str, torch.Tensor] = {}
         self._seen = 0
 
-    def _level_metrics(self) -> nn.ModuleDict:
+    def _level_metrics(self, latent_dim: int | None = None) -> nn.ModuleDict:
         return nn.ModuleDict({
-            "kl": KLPerDimension(),
+            "kl": KLPerDimension(latent_dim=latent_dim),
             "kl_rest": MeanMetric(),
-            "active_units": ActiveUnits(threshold=self.au_threshold),
+            "active_units": ActiveUnits(threshold=self.au_threshold, latent_dim=latent_dim),
             "mutual_info": MutualInformation(),
-            "epsilon": EpsilonCollapse(eps=self.eps, delta=self.delta),
+            "epsilon": EpsilonCollapse(eps=self.eps, delta=self.delta, latent_dim=latent_dim),
         })
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # One set of metrics per latent level the model declares.
+        # One set of metrics per latent level the model declares. With one level its size is
+        # the model's latent_dim: the per-dimension states then have their final shape on every
+        # process from the start, so a process without batches synchronises like the others.
         levels = tuple(pl_module.latent_levels)
-        if levels != self.levels:
-            for level in self.levels:
-                del self.metrics[level]
-            for level in levels:
-                self.metrics[level] = self._level_metrics()
-            self.levels = levels
+        size = getattr(pl_module, "latent_dim", None) if len(levels) == 1 else None
+        size = size if isinstance(size, int) and not isinstance(size, bool) else None
+        for level in self.levels:
+            del self.metrics[level]
+        for level in levels:
+            self.metrics[level] = self._level_metrics(size)
+        self.levels = levels
 
     def _suffix(self, level: str) -> str:
         return "" if len(self.levels) == 1 else f"_{level}"

@@ -4,8 +4,9 @@ Tokenisation is whitespace splitting (``str.split()``: runs of spaces, tabs and 
 whitespace separate tokens); nothing is lower-cased or split off, so preprocess a corpus the way
 you want before training. A line that holds no token is not a sentence and is skipped.
 
-Token ids: the four special tokens come first, ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2,
-``<unk>`` = 3, then the words of the vocabulary. A sentence of n words is stored as the row
+Token ids (:mod:`ilvae.tokens`, shared with the text model): the four special tokens come
+first, ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2, ``<unk>`` = 3, then the words of the
+vocabulary. A sentence of n words is stored as the row
 
     w₁ … w_n <eos> <pad> … <pad>            (length ``max_length``, int64)
 
@@ -24,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ilvae.tokens import BOS, EOS, PAD, SPECIALS, UNK
+
 from .base import VAEDataModule, _check_int
 
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 _FORMAT = "ilvae.vocabulary"
 _LONG = ("truncate", "drop")
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from ilvae._config import Configurable
+from ilvae.tokens import PAD, lengths
 
 _ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
                 "softplus": nn.Softplus, "elu": nn.ELU}
@@ -76,28 +78,26 @@ class MLPEncoder(Encoder):
         return self._normal(self.net(x.flatten(1)), self.min_scale)
 
 
-class ConvEncoder(Encoder):
-    """Small convolutional encoder for (C, H, W) images: stride-2 3×3 convolutions with
-    ``channels`` filters, then a linear map to (μ, s)."""
+class LSTMEncoder(nn.Module):
+    """q(z|x) = N(μ, diag s²) from the LSTM state after the last non-pad token:
+    embedding → LSTM → linear → (μ, softplus(·) + ``min_scale``)."""
 
-    def __init__(self, data_shape: tuple[int, ...], latent_dim: int,
-                 channels: list[int] = [32, 64], activation: str = "relu",
+    def __init__(self, vocab_size: int, latent_dim: int, embedding_dim: int, hidden_dim: int,
                  min_scale: float = 1e-4) -> None:
-        super().__init__(data_shape, latent_dim)
-        if len(self.data_shape) != 3:
-            raise ValueError(f"ConvEncoder needs image data of shape (C, H, W), got {data_shape}")
-        c, h, w = self.data_shape
-        layers: list[nn.Module] = []
-        for out in check_hidden(channels, "channels"):
-            layers += [nn.Conv2d(c, out, 3, stride=2, padding=1), make_activation(activation)]
-            c, h, w = out, (h + 1) // 2, (w + 1) // 2
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        self.head = nn.Linear(c * h * w, 2 * latent_dim)
+        super().__init__()
         self.min_scale = min_scale
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=PAD)
+        self.lstm = nn.LSTM(embedding_dim, hidden_dim, batch_first=True)
+        self.head = nn.Linear(hidden_dim, 2 * latent_dim)
 
-    def forward(self, x: Tensor) -> Normal:
-        x = x.reshape(-1, *self.data_shape)
-        return self._normal(self.head(self.features(x)), self.min_scale)
+    def forward(self, tokens: Tensor) -> Normal:
+        out, _ = self.lstm(self.embedding(tokens))
+        # A unidirectional LSTM's output at the last real token is its state after the
+        # sentence; the pads after it never reach it.
+        last = (lengths(tokens) - 1).clamp(min=0)
+        h = out[torch.arange(len(tokens), device=tokens.device), last]
+        loc, raw = self.head(h).chunk(2, dim=-1)
+        return Normal(loc, F.softplus(raw) + self.min_scale)
 
 
 def finite_normal(h: Tensor, loc: Tensor, scale: Tensor) -> Normal:

@@ -7,8 +7,9 @@ arguments, Trainer settings) into such errors, so that they read like ilvae's ow
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -31,6 +32,29 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message: str, report: dict | None = None) -> None:
         super().__init__(message)
         self.report = dict(report or {})
+
+
+# ----------------------------------------------------------------- validation
+def check(field: str, value: Any, expected: str) -> NoReturn:
+    """Raise the one message format of every configuration check:
+    ``field=value is not allowed: expected …``.
+
+    >>> check("beta", -1.0, "a finite number >= 0")
+    Traceback (most recent call last):
+    ...
+    ilvae.errors.ConfigurationError: beta=-1.0 is not allowed: expected a finite number >= 0
+    """
+    raise ConfigurationError(f"{field}={value!r} is not allowed: expected {expected}")
+
+
+def check_number(field: str, value: float, *, minimum: float = 0.0, strict: bool = False) -> float:
+    """``float(value)``, or :func:`check` raises unless ``value`` is a finite real number (not a
+    bool) ≥ ``minimum`` (> with ``strict``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if not ok:
+        check(field, value, f"a finite number {'>' if strict else '>='} {minimum:g}")
+    return float(value)
 
 
 # ----------------------------------------------------------------- refused at set-up

@@ -7,15 +7,7 @@ while summing the KL over latents.
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor
-
-
-def elbo(log_px: Tensor, kl: Tensor) -> Tensor:
-    """ELBO per example: log p(x|z) − Σ_i KL_i, shapes (B,) and (B, m) → (B,)."""
-    return log_px - kl.sum(-1)
 
 
 def kl_penalty(kl: Tensor, free_bits: float = 0.0) -> Tensor:
@@ -40,9 +32,3 @@ def beta_vae_loss(log_px: Tensor, kl: Tensor, beta: float | Tensor = 1.0,
     kl_total = kl.sum(-1).mean()
     loss = recon + beta * kl_penalty(kl, free_bits)
     return loss, {"loss": loss, "recon": recon, "kl": kl_total, "elbo": -(recon + kl_total)}
-
-
-def iwae_bound(log_px: Tensor, log_pz: Tensor, log_qz: Tensor) -> Tensor:
-    """Importance-weighted bound log (1/K) Σ_k p(x, z_k)/q(z_k|x) from (K, B) terms → (B,)."""
-    k = log_px.shape[0]
-    return torch.logsumexp(log_px + log_pz - log_qz, dim=0) - math.log(k)

@@ -7,8 +7,7 @@ import torch
 from torch import distributions as D
 
 from ilvae import likelihoods
-from ilvae.decoders.ar_elbo import GaussianAdaptive
-from ilvae.likelihoods import Bernoulli, Categorical, Gaussian, GaussianLearned
+from ilvae.likelihoods import Bernoulli, Categorical, Gaussian, GaussianAdaptive, GaussianLearned
 
 B, DIM = 6, 5
 

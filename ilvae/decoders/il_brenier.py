@@ -20,7 +20,7 @@ L₁ = L₂ = √(L / s_min). L = 0 gives LIDVAE, whose injectivity rests on ψ_
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -130,8 +130,10 @@ class ILBrenierDecoder(Decoder):
     that ratio is 0 or undefined). L1 and L2 are buffers, so checkpoints keep the current values.
 
     The maps run with autocast switched off, in float32 (float64 if the weights are float64), so
-    mixed precision cannot break the guarantee. Casting the module itself to a half type rounds
-    the stored L1, L2 too; keep the weights in float32.
+    mixed precision cannot break the guarantee. Casting the module keeps L1, L2 in at least
+    float32 (``.half()`` leaves them float32) and rounds them up, never to nearest, when a cast
+    lowers their precision (float64 → float32), so the guaranteed L never drops below its
+    nominal value.
 
     >>> dec = ILBrenierDecoder(8, 64, L=1.5, hidden=[32])
     >>> dec(torch.randn(4, 8)).shape
@@ -262,6 +264,19 @@ class ILBrenierDecoder(Decoder):
         with torch.no_grad():
             self.L1.fill_(float(t1))
             self.L2.fill_(float(t2))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ILBrenierDecoder:
+        # A module cast (.half(), .to(dtype), .float()) would round L1, L2 to nearest in the new
+        # dtype, possibly below the guarantee: keep them in at least float32, rounded up.
+        before = {name: getattr(self, name) for name in ("L1", "L2")}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            dtype = torch.promote_types(new.dtype, torch.float32) if new.is_floating_point() \
+                else old.dtype
+            if new.dtype != old.dtype or dtype != new.dtype:
+                self._buffers[name] = _round_up(float(old), dtype).to(new.device)
+        return self
 
     @staticmethod
     def _random_isometry(rows: int, cols: int, seed: int) -> Tensor:

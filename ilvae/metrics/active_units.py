@@ -7,6 +7,8 @@ from torch import Tensor
 from torch.distributions import Normal
 from torchmetrics import Metric
 
+from ilvae.metrics.kl_per_dimension import _check_width, _state_shape
+
 
 class ActiveUnits(Metric):
     """Number of active latent units (Burda et al., "Importance Weighted Autoencoders", 2016).
@@ -31,7 +33,11 @@ class ActiveUnits(Metric):
     c = ``shift`` (default 0, the prior mean, near which a VAE's posterior means are centred).
 
     ``update(posterior)`` takes the ``Normal`` of ``model.encode(x)`` (loc: (B, m)); only the
-    means are used. ``compute()`` returns the number of active units as an int64 scalar.
+    means are used. ``compute()`` returns the number of active units as an int64 scalar: 0 with
+    fewer than two examples, since means that were seen once (or never) show no variance over
+    the data and no unit can be counted active.
+    ``latent_dim`` (m) gives the states their (m,) shape at construction (pass it under DDP,
+    see :class:`~ilvae.metrics.KLPerDimension`).
 
     Example:
         >>> import torch
@@ -47,20 +53,24 @@ class ActiveUnits(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, threshold: float = 0.01, shift: float = 0.0, **kwargs: object) -> None:
+    def __init__(self, threshold: float = 0.01, shift: float = 0.0,
+                 latent_dim: int | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)
         if not threshold >= 0:
             raise ValueError(f"threshold must be a number >= 0, got {threshold}")
         self.threshold = float(threshold)
         self.shift = float(shift)
-        # Scalar zeros until the first update broadcasts them to (m,).
-        for name in ("count", "total", "within", "between"):
-            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self._shape = _state_shape(latent_dim)
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("total", "within", "between"):
+            self.add_state(name, torch.zeros(self._shape, dtype=torch.float64),
+                           dist_reduce_fx="sum")
 
     def update(self, posterior: Normal) -> None:
         loc = posterior.loc.detach().double() - self.shift
         if loc.dim() != 2:
             raise ValueError(f"posterior.loc must have shape (B, m), got {tuple(loc.shape)}")
+        _check_width(loc, self._shape, "posterior.loc")
         n = loc.shape[0]
         if n == 0:
             return
@@ -71,6 +81,10 @@ class ActiveUnits(Metric):
         self.between = self.between + batch_sum**2 / n
 
     def _variance(self) -> Tensor:
+        """A_i per unit; NaN with fewer than two examples, where the unbiased variance is not
+        defined."""
+        if self.count < 2:
+            return torch.full_like(self.total, float("nan"))
         squares = self.within + (self.between - self.total**2 / self.count).clamp_min(0)
         return squares / (self.count - 1)
 

@@ -7,7 +7,13 @@ from torch import Tensor
 from torch.distributions import Normal
 from torchmetrics import Metric
 
-from ilvae.metrics.kl_per_dimension import _check_prior_scale, _kl_normal, _per_example
+from ilvae.metrics.kl_per_dimension import (
+    _check_prior_scale,
+    _check_width,
+    _kl_normal,
+    _per_example,
+    _state_shape,
+)
 
 
 class EpsilonCollapse(Metric):
@@ -30,6 +36,9 @@ class EpsilonCollapse(Metric):
     - ``"epsilon_delta_collapsed"``: int64 scalar, number collapsed in the probability form;
     - ``"collapse_probability"``: float64 (m,), the fractions P_i.
 
+    ``latent_dim`` (m) gives the states their (m,) shape at construction (pass it under DDP,
+    see :class:`~ilvae.metrics.KLPerDimension`).
+
     Example:
         >>> import torch
         >>> from torch.distributions import Normal
@@ -46,7 +55,7 @@ class EpsilonCollapse(Metric):
     full_state_update = False
 
     def __init__(self, eps: float = 0.01, delta: float = 0.01, prior_scale: float = 1.0,
-                 **kwargs: object) -> None:
+                 latent_dim: int | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)
         if not eps > 0:
             raise ValueError(f"eps must be a number > 0, got {eps}")
@@ -55,13 +64,15 @@ class EpsilonCollapse(Metric):
         self.eps = float(eps)
         self.delta = float(delta)
         self.prior_scale = _check_prior_scale(prior_scale)
-        # Scalar zeros until the first update broadcasts them to (m,).
-        self.add_state("kl_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("below", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self._shape = _state_shape(latent_dim)
+        for name in ("kl_sum", "below"):
+            self.add_state(name, torch.zeros(self._shape, dtype=torch.float64),
+                           dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, posterior: Normal, kl: Tensor | None = None) -> None:
         kl = _kl_normal(posterior, self.prior_scale) if kl is None else _per_example(kl)
+        _check_width(kl, self._shape, "kl")
         self.kl_sum = self.kl_sum + kl.sum(0)
         self.below = self.below + (kl < self.eps).sum(0)
         self.count = self.count + kl.shape[0]

@@ -16,6 +16,26 @@ def _check_prior_scale(prior_scale: float) -> float:
     return float(prior_scale)
 
 
+def _state_shape(latent_dim: int | None) -> tuple[int, ...]:
+    """Shape of a per-dimension state at construction: (m,) when the latent size is known, so
+    every process holds states of their final shape even before (or without) an update and all
+    take the same collective path when they synchronise; () otherwise, broadcast to (m,) by the
+    first update."""
+    if latent_dim is None:
+        return ()
+    if isinstance(latent_dim, bool) or int(latent_dim) != latent_dim or latent_dim < 1:
+        raise ValueError(f"latent_dim={latent_dim!r} is not allowed: expected a positive "
+                         "integer or None")
+    return (int(latent_dim),)
+
+
+def _check_width(values: Tensor, shape: tuple[int, ...], name: str) -> None:
+    """Raise unless an update's (B, m) ``values`` match a declared (m,) state shape."""
+    if shape and values.shape[-1] != shape[0]:
+        raise ValueError(f"{name} has {values.shape[-1]} latent dimensions but the metric was "
+                         f"built with latent_dim={shape[0]}")
+
+
 def model_prior_scale(model: object) -> float:
     """η of a model's N(0, η² I) prior (``model.prior.scale``, a one-element tensor), or 1 when
     the prior has no such scale: the ``prior_scale`` to measure the model's KL against."""
@@ -57,6 +77,9 @@ class KLPerDimension(Metric):
     :class:`~ilvae.models.contract.LatentTerm`), and ignores ``prior_scale``.
     ``compute()`` returns ``{"kl": kl, "kl_per_dim": (kl_1, …, kl_m)}``: a scalar and an (m,)
     vector, both float64. Sums are accumulated in float64 and summed across processes.
+    ``latent_dim`` (m) gives the states their (m,) shape at construction; under DDP pass it
+    whenever a process may see no batch: a state still of shape () would take another
+    collective path than the others' (m,) states when they synchronise.
 
     Example:
         >>> import torch
@@ -71,15 +94,18 @@ class KLPerDimension(Metric):
     higher_is_better = None
     full_state_update = False
 
-    def __init__(self, prior_scale: float = 1.0, **kwargs: object) -> None:
+    def __init__(self, prior_scale: float = 1.0, latent_dim: int | None = None,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.prior_scale = _check_prior_scale(prior_scale)
-        # Scalar zero until the first update broadcasts it to (m,).
-        self.add_state("kl_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self._shape = _state_shape(latent_dim)
+        self.add_state("kl_sum", torch.zeros(self._shape, dtype=torch.float64),
+                       dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, posterior: Normal, kl: Tensor | None = None) -> None:
         kl = _kl_normal(posterior, self.prior_scale) if kl is None else _per_example(kl)
+        _check_width(kl, self._shape, "kl")
         self.kl_sum = self.kl_sum + kl.sum(0)
         self.count = self.count + kl.shape[0]
 

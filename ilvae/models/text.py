@@ -3,11 +3,15 @@ latent code entering the decoder either the standard way (He et al., 2019) or on
 layer through an inverse-Lipschitz Brenier map (LIDVAE, Wang, Blei & Cunningham, NeurIPS 2021;
 IL-LIDVAE, Kinoshita et al., ICML 2023).
 
-Sentences are token-id rows laid out as in :mod:`ilvae.datamodules.text`:
+Sentences are token-id rows laid out as in :mod:`ilvae.tokens`:
 ``w₁ … w_n <eos> <pad> …``. The decoder predicts every non-pad position (the n words and
 <eos>) from the previous tokens, with ``<bos>`` as its first input. ``<pad>`` and ``<bos>`` are
 never predicted, so the output layer has C = vocab_size − 2 classes: class c is token id c + 2
 (``<eos>`` is class 0).
+
+The blocks live where their names say: :class:`~ilvae.encoders.LSTMEncoder`,
+:class:`~ilvae.decoders.lstm.LSTMDecoder` and the metric :class:`~ilvae.metrics.text_nll.TextNLL`;
+this module holds the model and re-exports the blocks for old imports.
 """
 
 from __future__ import annotations
@@ -16,219 +20,27 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.distributions import Normal
-from torchmetrics import Metric
 
 from ilvae._config import build_component
-from ilvae.datamodules.text import BOS, EOS, PAD, SPECIALS, UNK
-from ilvae.decoders.il_brenier import ILBrenierDecoder
-from ilvae.errors import ConfigurationError
+from ilvae.decoders.lstm import CLASS_OFFSET, LSTMDecoder
+from ilvae.encoders import LSTMEncoder
+from ilvae.errors import ConfigurationError, check
+from ilvae.metrics.text_nll import TextNLL
 from ilvae.models.base import LatentVariableModel, check_number
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import Prior, PriorCallable, StandardNormal
+from ilvae.tokens import EOS, PAD, SPECIALS, UNK
 
 Z_INJECTIONS = ("standard", "brenier")
-_OFFSET = EOS  # output class c is token id c + _OFFSET
 
 
 def _positive_int(field: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{field}={value!r} is not allowed: expected an integer >= "
-                                 f"{minimum}")
+        check(field, value, f"an integer >= {minimum}")
     return int(value)
-
-
-def _lengths(tokens: Tensor) -> Tensor:
-    """Number of non-pad tokens of each row (<eos> included)."""
-    return (tokens != PAD).sum(-1)
-
-
-def _shift(tokens: Tensor) -> Tensor:
-    """Decoder inputs: ``<bos>`` followed by every token but the last."""
-    bos = tokens.new_full((*tokens.shape[:-1], 1), BOS)
-    return torch.cat([bos, tokens[..., :-1]], dim=-1)
-
-
-class LSTMEncoder(nn.Module):
-    """q(z|x) = N(μ, diag s²) from the LSTM state after the last non-pad token:
-    embedding → LSTM → linear → (μ, softplus(·) + ``min_scale``)."""
-
-    def __init__(self, vocab_size: int, latent_dim: int, embedding_dim: int, hidden_dim: int,
-                 min_scale: float = 1e-4) -> None:
-        super().__init__()
-        self.min_scale = min_scale
-        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=PAD)
-        self.lstm = nn.LSTM(embedding_dim, hidden_dim, batch_first=True)
-        self.head = nn.Linear(hidden_dim, 2 * latent_dim)
-
-    def forward(self, tokens: Tensor) -> Normal:
-        out, _ = self.lstm(self.embedding(tokens))
-        # A unidirectional LSTM's output at the last real token is its state after the
-        # sentence; the pads after it never reach it.
-        last = (_lengths(tokens) - 1).clamp(min=0)
-        h = out[torch.arange(len(tokens), device=tokens.device), last]
-        loc, raw = self.head(h).chunk(2, dim=-1)
-        return Normal(loc, F.softplus(raw) + self.min_scale)
-
-
-class LSTMDecoder(nn.Module):
-    """LSTM language model p(x|z) = Π_t p(w_t | w_<t, z) with output logits
-
-    * ``z_injection="standard"`` (He et al., 2019): c₀ = W z, h₀ = tanh(c₀) and z concatenated to
-      every input embedding; logits_t = V h_t + b.
-    * ``z_injection="brenier"``: the LSTM runs from a zero state on the words alone, and z enters
-      only at the output layer, logits_t = V h_t + b + u(z) with
-
-          u(z) = [0; g(z)] ∈ R^C,   g = ILBrenierDecoder(latent_dim, C − 1, L),
-
-      the 0 on the ``<eos>`` class. Reading of LIDVAE's "Brenier maps at the output layer": the
-      likelihood's natural parameter must be injective in z. Softmax logits are only identified
-      up to adding a constant to every class, so an injective g: R^m → R^C would not make
-      z ↦ p(·|z) injective (g(z) − g(z′) ∝ 1 leaves it unchanged). Pinning one class's term at 0
-      (the usual reference-class parameterisation of a categorical) fixes that constant: if two
-      codes give the same distributions then u(z) − u(z′) = c·1 with first entry 0, so c = 0 and
-      g(z) = g(z′), hence z = z′. The map z ↦ u(z) is L-inverse-Lipschitz
-      (‖u(z) − u(z′)‖ = ‖g(z) − g(z′)‖ ≥ L‖z − z′‖); measured modulo constants, ‖P(u(z) − u(z′))‖
-      with P the centring projection, the constant is at least L/√C. β of the Brenier map is the
-      fixed isometric zero padding [I; 0] (the LIDVAE text code used an untrained,
-      uninitialised matrix instead).
-
-    ``inputs`` (optional, same shape as ``tokens``) are the tokens fed to the LSTM, shifted right
-    behind ``<bos>``; they default to ``tokens`` (teacher forcing) and differ only under word
-    dropout. ``z`` may carry leading sample dimensions, ``(*S, B, m)``; results then have them
-    too. With ``"brenier"`` the LSTM then runs once for all samples.
-    """
-
-    def __init__(self, vocab_size: int, latent_dim: int, embedding_dim: int, hidden_dim: int,
-                 z_injection: str = "standard", L: float = 1.0,
-                 brenier_hidden: list[int] = [256],  # noqa: B006
-                 brenier_activation: str = "leaky_relu") -> None:
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.latent_dim = latent_dim
-        self.num_classes = vocab_size - _OFFSET
-        self.z_injection = z_injection
-        standard = z_injection == "standard"
-        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=PAD)
-        self.lstm = nn.LSTM(embedding_dim + (latent_dim if standard else 0), hidden_dim,
-                            batch_first=True)
-        self.output = nn.Linear(hidden_dim, self.num_classes)
-        if standard:
-            self.init_state = nn.Linear(latent_dim, hidden_dim)
-        else:
-            self.brenier = ILBrenierDecoder(latent_dim, self.num_classes - 1, L=L,
-                                            hidden=brenier_hidden,
-                                            activation=brenier_activation)
-
-    @property
-    def L(self) -> float:
-        """Inverse-Lipschitz constant of z ↦ u(z) (``"brenier"`` only; settable)."""
-        if self.z_injection != "brenier":
-            raise AttributeError("L exists only with z_injection='brenier'")
-        return self.brenier.L
-
-    @L.setter
-    def L(self, value: float) -> None:
-        if self.z_injection != "brenier":
-            raise AttributeError("L exists only with z_injection='brenier'")
-        self.brenier.L = value
-
-    def output_term(self, z: Tensor) -> Tensor:
-        """u(z) = [0; g(z)], the output-layer term of ``"brenier"``: (..., m) → (..., C)."""
-        if self.z_injection != "brenier":
-            raise AttributeError("output_term exists only with z_injection='brenier'")
-        g = self.brenier(z.reshape(-1, self.latent_dim))
-        u = torch.cat([g.new_zeros(len(g), 1), g], dim=1)
-        return u.reshape(*z.shape[:-1], self.num_classes)
-
-    def _initial_state(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.init_state(z).unsqueeze(0)
-        return torch.tanh(c), c
-
-    def forward(self, tokens: Tensor, z: Tensor, inputs: Tensor | None = None) -> Tensor:
-        """Logits of the C output classes at every position: (*S, B, T, C)."""
-        x = self.embedding(_shift(tokens if inputs is None else inputs))  # (B, T, E)
-        if self.z_injection == "brenier":
-            h, _ = self.lstm(x)
-            return self.output(h) + self.output_term(z).unsqueeze(-2)
-        samples, batch, steps = z.shape[:-2], x.shape[0], x.shape[1]
-        n = math.prod(samples)
-        flat_z = z.reshape(n * batch, -1)
-        x = x.unsqueeze(0).expand(n, *x.shape).reshape(n * batch, steps, -1)
-        x = torch.cat([x, flat_z.unsqueeze(1).expand(-1, steps, -1)], dim=-1)
-        h, _ = self.lstm(x, self._initial_state(flat_z))
-        return self.output(h).reshape(*samples, batch, steps, self.num_classes)
-
-    def token_log_probs(self, tokens: Tensor, z: Tensor, inputs: Tensor | None = None) -> Tensor:
-        """log p(w_t | w_<t, z) at every position, 0 at pads: (*S, B, T)."""
-        logits = self(tokens, z, inputs)
-        mask = tokens != PAD
-        target = torch.where(mask, tokens - _OFFSET, 0).expand(*logits.shape[:-1])
-        picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        return torch.where(mask, picked - torch.logsumexp(logits, dim=-1), 0.0)
-
-    def log_prob(self, tokens: Tensor, z: Tensor, inputs: Tensor | None = None) -> Tensor:
-        """log p(x|z) summed over the sentence's tokens (<eos> included): (*S, B)."""
-        return self.token_log_probs(tokens, z, inputs).sum(-1)
-
-    @torch.no_grad()
-    def generate(self, z: Tensor, max_length: int, greedy: bool = False) -> Tensor:
-        """Sentences decoded from z (B, m) one token at a time, by sampling (or argmax when
-        ``greedy``): (B, max_length) rows in the data layout. A sentence that has no <eos>
-        after ``max_length − 1`` words gets one there."""
-        batch = z.shape[0]
-        tokens = torch.full((batch, max_length), PAD, dtype=torch.long, device=z.device)
-        previous = torch.full((batch,), BOS, dtype=torch.long, device=z.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=z.device)
-        if self.z_injection == "brenier":
-            state, bias = None, self.output_term(z)
-        else:
-            state, bias = self._initial_state(z), 0.0
-        for t in range(max_length):
-            x = self.embedding(previous).unsqueeze(1)
-            if self.z_injection == "standard":
-                x = torch.cat([x, z.unsqueeze(1)], dim=-1)
-            h, state = self.lstm(x, state)
-            logits = self.output(h[:, 0]) + bias
-            if greedy:
-                cls = logits.argmax(-1)
-            else:
-                cls = torch.multinomial(torch.softmax(logits.float(), -1), 1).squeeze(-1)
-            token = cls + _OFFSET if t < max_length - 1 else torch.full_like(cls, EOS)
-            tokens[:, t] = torch.where(done, PAD, token)
-            done |= token == EOS
-            if bool(done.all()):
-                break
-            previous = token
-        return tokens
-
-
-class _TextNLL(Metric):
-    """Sums of per-sentence NLLs, sentences and predicted tokens, for
-
-        iw_nll = Σ NLL(x) / #sentences,   ppl = exp(Σ NLL(x) / Σ_x (n_x + 1)),
-
-    n_x + 1 being the sentence's words plus its <eos> (``<bos>`` and pads are not counted)."""
-
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("nll_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("sentences", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, nll: Tensor, tokens: Tensor) -> None:
-        self.nll_sum = self.nll_sum + nll.double().sum()
-        self.sentences = self.sentences + nll.numel()
-        self.tokens = self.tokens + _lengths(tokens).sum().double()
-
-    def compute(self) -> dict[str, Tensor]:
-        return {"iw_nll": self.nll_sum / self.sentences,
-                "ppl": torch.exp(self.nll_sum / self.tokens)}
 
 
 class TextVAE(LatentVariableModel):
@@ -319,16 +131,14 @@ class TextVAE(LatentVariableModel):
         embedding_dim = _positive_int("embedding_dim", embedding_dim)
         hidden_dim = _positive_int("hidden_dim", hidden_dim)
         if z_injection not in Z_INJECTIONS:
-            raise ConfigurationError(f"z_injection={z_injection!r} is unknown; choose one of "
-                                     f"{', '.join(Z_INJECTIONS)}")
-        if z_injection == "brenier" and self.vocab_size - _OFFSET - 1 < self.latent_dim:
+            check("z_injection", z_injection, f"one of {', '.join(map(repr, Z_INJECTIONS))}")
+        if z_injection == "brenier" and self.vocab_size - CLASS_OFFSET - 1 < self.latent_dim:
             raise ConfigurationError(
                 f"vocab_size={vocab_size} is too small for z_injection='brenier' with "
                 f"latent_dim={latent_dim}: the Brenier map needs vocab_size - 3 >= latent_dim")
         self.word_dropout = check_number("word_dropout", word_dropout)
         if self.word_dropout >= 1:
-            raise ConfigurationError(f"word_dropout={word_dropout!r} is not allowed: expected a "
-                                     "probability in [0, 1)")
+            check("word_dropout", word_dropout, "a probability in [0, 1)")
         self.beta = check_number("beta", beta)
         self.free_bits = check_number("free_bits", free_bits)
         self.num_iw_samples = _positive_int("num_iw_samples", num_iw_samples, 0)
@@ -348,7 +158,7 @@ class TextVAE(LatentVariableModel):
         self.save_hyperparameters(ignore=["prior", "optimizer", "lr_scheduler"])
         if hasattr(self.prior, "config"):
             self.hparams["prior"] = self.prior.config
-        self._nll = nn.ModuleDict({"val": _TextNLL(), "test": _TextNLL()})
+        self._nll = nn.ModuleDict({"val": TextNLL(), "test": TextNLL()})
 
     # ----------------------------------------------------------------- maths
     def encode(self, tokens: Tensor) -> Normal:
@@ -485,3 +295,6 @@ class TextVAE(LatentVariableModel):
     def reconstruct(self, tokens: Tensor, greedy: bool = True) -> Tensor:
         """Sentences decoded from the posterior mean E_q[z|x]."""
         return self.decoder.generate(self.encode(tokens).loc, self.max_length, greedy)
+
+
+__all__ = ["Z_INJECTIONS", "LSTMDecoder", "LSTMEncoder", "TextNLL", "TextVAE"]

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch import distributions as D
 
 import ilvae.decoders
-from ilvae.decoders.ar_elbo import ARELBODecoder, GaussianAdaptive
+from ilvae.decoders.ar_elbo import ARELBODecoder
+from ilvae.likelihoods import GaussianAdaptive
 
 B, LATENT, DIM = 7, 4, 16
 
@@ -206,12 +207,12 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     """Process ``rank`` of ``world``: :func:`_two_steps` with σ̂² all-reduced, then two
     controls: each process's own σ̂² (as before the fix), and the global σ̂² through an
     all-reduce without a backward pass; rank 0 saves the three."""
-    import ilvae.decoders.ar_elbo as ar_elbo
+    import ilvae.likelihoods as likelihoods
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     result = {"global": _two_steps(rank, world)}
-    ar_elbo._distributed = lambda: False  # a forked child: the parent's module is untouched
+    likelihoods._distributed = lambda: False  # a forked child: the parent's module is untouched
     result["local"] = _two_steps(rank, world)
 
     class Detached:  # the global σ̂² without the backward all-reduce
@@ -221,7 +222,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             dist.all_reduce(out)
             return out
 
-    ar_elbo._distributed, ar_elbo._AllReduceSum = (lambda: True), Detached
+    likelihoods._distributed, likelihoods._AllReduceSum = (lambda: True), Detached
     result["detached"] = _two_steps(rank, world)
     if rank == 0:
         torch.save(result, out)

@@ -364,3 +364,27 @@ def test_leading_batch_dimensions_decode_like_a_flat_batch(beta):
     out = dec(z)
     assert out.shape == (3, 5, DATA)
     assert torch.equal(out.reshape(15, DATA), dec(z.reshape(15, LATENT)))
+
+
+@pytest.mark.parametrize(("dtype", "nominal"), [(torch.float16, 1.5), (torch.bfloat16, 1.49)])
+def test_casting_to_a_half_type_keeps_the_guaranteed_L_at_or_above_nominal(dtype, nominal):
+    dec = ILBrenierDecoder(4, 16, L=nominal, hidden=[8])
+    # Rounded to nearest in the half type, √nominal goes down: a plain cast would undercut L.
+    half_factor = float(torch.tensor(float(dec.L1), dtype=torch.float64).to(dtype))
+    assert half_factor**2 < nominal
+    cast = dec.to(dtype)
+    assert cast.psi1.bias.dtype == dtype and cast.L1.dtype == torch.float32
+    assert float(cast.L1) * float(cast.L2) * cast.s_min >= nominal and cast.L >= nominal
+
+
+def test_a_cast_back_to_float32_keeps_the_inverse_lipschitz_property():
+    nominal = 1.5
+    dec = ILBrenierDecoder(4, 16, L=nominal, hidden=[8]).double()
+    dec.L = 1.1  # stored rounded up in float64
+    dec = dec.half().float()
+    assert dec.L1.dtype == torch.float32 and dec.L >= 1.1
+    g = torch.Generator().manual_seed(0)
+    z, w = torch.randn(2, 256, 4, generator=g)
+    with torch.no_grad():
+        ratio = (dec(z) - dec(w)).norm(dim=1) / (z - w).norm(dim=1)
+    assert float(ratio.min()) >= 1.1 * (1 - 1e-5)

@@ -65,3 +65,23 @@ def test_updates_accumulate_like_one_update_on_all_data():
 def test_negative_threshold_is_rejected():
     with pytest.raises(ValueError, match="threshold"):
         ActiveUnits(threshold=-1.0)
+
+
+def test_one_example_counts_no_active_unit_and_leaves_the_variance_undefined():
+    loc = torch.tensor([[3.0, -2.0, 0.5]], dtype=torch.float64)
+    with np.errstate(all="ignore"):
+        reference = np.var(loc.numpy(), axis=0, ddof=1)  # numpy: NaN for one example
+    metric = ActiveUnits(threshold=0.0)
+    _update_in_batches(metric, loc, [1])
+    assert int(metric.compute()) == 0
+    assert torch.isnan(metric._variance()).all() and np.isnan(reference).all()
+    assert int(ActiveUnits(latent_dim=3).compute()) == 0  # no example at all
+
+
+def test_two_single_example_updates_give_the_two_example_variance():
+    loc = torch.tensor([[0.0, 1.0], [0.3, 1.0]], dtype=torch.float64)
+    metric = ActiveUnits(threshold=0.01)
+    _update_in_batches(metric, loc, [1, 1])
+    torch.testing.assert_close(metric._variance(),
+                               torch.from_numpy(np.var(loc.numpy(), axis=0, ddof=1)))
+    assert int(metric.compute()) == 1  # 0.045 > 0.01 and 0 < 0.01

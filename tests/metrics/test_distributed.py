@@ -123,10 +123,43 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _idle_rank_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Rank 0 updates with all the data, rank 1 with none: the per-dimension metrics, built
+    with ``latent_dim``, hold (m,) states on both ranks, so both take the same collective path
+    and compute the single-process result."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        posterior = _data()[0]
+        m = posterior.loc.shape[1]
+        synced = _per_dimension_metrics(latent_dim=m)
+        shapes = {name: {key: tuple(value.shape) for key, value in metric.metric_state.items()}
+                  for name, metric in synced.items()}
+        if rank == 0:
+            for metric in synced.values():
+                metric.update(posterior)
+        reference = _per_dimension_metrics(sync_on_compute=False)
+        for metric in reference.values():
+            metric.update(posterior)
+        results = {name: (synced[name].compute(), reference[name].compute())
+                   for name in synced}
+        torch.save({"results": results, "shapes": shapes}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _per_dimension_metrics(**kwargs):
+    return {"kl": KLPerDimension(**kwargs),
+            "active_units": ActiveUnits(threshold=0.05, **kwargs),
+            "epsilon_collapsed": EpsilonCollapse(eps=0.05, delta=0.1, **kwargs)}
+
+
 # Spawned processes unpickle the worker by module name. Whatever the pytest import mode, they
 # import this file by its stem from its own directory (prepended to sys.path at spawn time).
 _MODULE = Path(__file__).stem
 _worker.__module__ = _MODULE
+_idle_rank_worker.__module__ = _MODULE
 
 
 def _free_port() -> int:
@@ -161,3 +194,30 @@ def test_synced_compute_equals_single_process_result_for_every_metric(tmp_path, 
     assert 0 < int(reference["active_units"]["value"]) < 3
     assert float(reference["mutual_info"]["value"]) > 0.1
     assert not torch.isnan(reference["relative_fisher"]["relative_fisher_bound"])
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_a_rank_without_batches_synchronises_per_dimension_metrics(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setitem(sys.modules, _MODULE, sys.modules[__name__])
+    mp.spawn(_idle_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for rank in ranks:
+        for name, states in rank["shapes"].items():
+            assert all(shape in ((), (3,)) for shape in states.values()), name
+            assert (3,) in states.values(), name  # per-dimension states have their shape
+        for name, (synced, reference) in rank["results"].items():
+            synced, reference = _flatten(synced), _flatten(reference)
+            for key in synced:
+                torch.testing.assert_close(synced[key], reference[key], rtol=1e-12, atol=0.0,
+                                           msg=f"{name}/{key}")
+
+
+def test_latent_dim_gives_final_state_shapes_and_refuses_another_width():
+    for metric in _per_dimension_metrics(latent_dim=3).values():
+        assert {tuple(v.shape) for v in metric.metric_state.values()} == {(), (3,)}
+        with pytest.raises(ValueError, match="latent_dim=3"):
+            metric.update(Normal(torch.zeros(2, 4), torch.ones(2, 4)))
+    with pytest.raises(ValueError, match="latent_dim=0 is not allowed"):
+        KLPerDimension(latent_dim=0)

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from ilvae.cli import main, run
 from ilvae.datamodules import TwoGaussians
 from ilvae.errors import ConfigurationError
-from ilvae.models.mixture import GaussianMixturePrior, MixtureVAE, mixture_loss
+from ilvae.models.mixture import MixtureVAE, mixture_loss
+from ilvae.priors import GaussianMixturePrior
 
 REPO = Path(__file__).resolve().parents[2]
 

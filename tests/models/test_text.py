@@ -15,7 +15,8 @@ from torch.distributions import Normal, kl_divergence
 
 from ilvae.datamodules.text import BOS, EOS, PAD, UNK, TextDataModule, Vocabulary
 from ilvae.errors import CheckpointError, ConfigurationError, NonFiniteLossError
-from ilvae.models.text import TextVAE, _TextNLL
+from ilvae.metrics.text_nll import TextNLL
+from ilvae.models.text import TextVAE
 
 torch.set_num_threads(1)
 
@@ -203,7 +204,7 @@ def test_iw_nll_decreases_with_k_and_stays_below_negative_elbo():
 
 
 def test_perplexity_is_exp_of_total_nll_over_words_plus_eos():
-    metric = _TextNLL()
+    metric = TextNLL()
     tokens = torch.tensor([[5, 6, 7, EOS, PAD], [8, EOS, PAD, PAD, PAD]])
     metric.update(torch.tensor([9.0, 4.0]), tokens)
     metric.update(torch.tensor([2.5]), torch.tensor([[EOS, PAD, PAD, PAD, PAD]]))
