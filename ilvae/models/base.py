@@ -4,11 +4,11 @@ and the logging of each stage's loss and terms (:meth:`LatentVariableModel.log_t
 Logging goes through Lightning's public API only. A training step logs its loss every step
 (``train/loss_step``, what callbacks and the progress bar read) and adds the loss and the other
 terms to :class:`TermMeans`, a torchmetrics aggregation logged once per epoch under the terms'
-names (``train/loss``, ``train/kl``, …): one ``self.log`` call per step instead of one per term. A batch with a non-finite
-loss stays out of these epoch means, so a batch the loss guard skips leaves no NaN in them. The
-step returns ``{"loss": loss, "train/<term>": value, …}``, so a callback needing a term at every
-step reads it from ``outputs`` in ``on_train_batch_end``. Validation and test values are epoch
-means over all processes (``sync_dist=True``).
+names (``train/loss``, ``train/kl``, …): one ``self.log`` call per step instead of one per term.
+A batch with a non-finite loss stays out of these epoch means, so a batch the loss guard skips
+leaves no NaN in them. The step returns ``{"loss": loss, "train/<term>": value, …}``, so a
+callback needing a term at every step reads it from ``outputs`` in ``on_train_batch_end``.
+Validation and test values are epoch means over all processes (``sync_dist=True``).
 """
 
 from __future__ import annotations
