@@ -120,14 +120,6 @@ class BatchTimer(L.Callback):
         self.ends.append(time.perf_counter())
 
 
-class StepValueReader(BatchTimer):
-    """A :class:`BatchTimer` that declares it reads training-step values every step, so the
-    model hands every ``self.log`` value to Lightning at every step (the behaviour before
-    training-step logs were batched; see ``ilvae.models.base``)."""
-
-    reads_step_metrics = True
-
-
 def throughput(ends: list[float], warmup: int, measured: int) -> float:
     """Batches per second over batches ``warmup … warmup + measured − 1``: from the end of the
     last warm-up batch to the end of the last measured one, so every measured batch counts its

@@ -264,9 +264,7 @@ def run(settings: Settings) -> list[dict[str, Any]]:
         "hand_maths_only": lambda: hand_loop(x, warmup, measured, options, metrics=False),
         "lightning_floor": lambda: lightning_floor(path, root, warmup, measured),
     }
-    # Before/after of two of ilvae's own optimisations, inside the same rounds.
-    variants["ilvae_logs_every_step"] = lambda: ilvae_fit(
-        path, root, warmup, measured, timer="benchmarks._common.StepValueReader")[0]
+    # Before/after of one of ilvae's own optimisations, inside the same rounds.
     variants["ilvae_guard_record"] = lambda: ilvae_fit(
         path, root, warmup, measured, ["--nonfinite.check_every_n_steps=2"])[0]
     if not isinstance(parts, str):
@@ -302,12 +300,6 @@ def run(settings: Settings) -> list[dict[str, Any]]:
                 notes=f"{how}; context: what ilvae adds to Lightning's loop (logging, "
                       "non-finite-loss guard, checkpoint and random-state callbacks, "
                       "TensorBoard logger, γ*, posterior validation)")]
-    every = side("ilvae fit, every training-step value handed to Lightning every step",
-                 samples["ilvae_logs_every_step"], unit)
-    rows.append(row("batched_logs_vs_every_step", GROUP, every, ours, higher_is_better=True,
-                    notes=f"{how}; before/after: a callback that reads step values makes the "
-                          "model hand every self.log value to Lightning at every step, as "
-                          "before training-step logs were batched on the device"))
     record = side("ilvae fit, loss guard keeping its device-side record "
                   "(--nonfinite.check_every_n_steps=2)", samples["ilvae_guard_record"], unit)
     rows.append(row("guard_flag_vs_device_record", GROUP, record, ours, higher_is_better=True,

@@ -33,7 +33,6 @@ TITLES = {
     "iw_nll_vs_forward_floor": "IW-NLL (K = 500) / K plain forward passes",
     "collapse_monitor_vs_forward_floor": "CollapseMonitor pass / K plain forward passes",
     "iw_nll_vs_network_floor": "IW-NLL (K = 500) / network-only passes",
-    "batched_logs_vs_every_step": "`ilvae fit`: batched training logs vs every step to Lightning",
     "guard_flag_vs_device_record": "`ilvae fit`: loss guard reads its flag vs device-side record",
     "flush_denormal": "trained VAE step: subnormals flushed / kept (time)",
     "subnormal_slowdown": "trained VAE step with subnormals / fresh model (time)",

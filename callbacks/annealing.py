@@ -23,9 +23,11 @@ At most one of these callbacks may set a given hyper-parameter; a second one is 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -327,12 +329,13 @@ class TargetKLController(_SetsHyperParameter):
     while the target is out of reach. Before the first measurement v = ``initial``
     (default: the output at zero error, v_min + K_p/2, clipped).
 
-    The KL is read at ``on_train_batch_end`` from ``trainer.callback_metrics``: the step value
-    of the metric ``kl_key`` (``train/kl``, which the VAE logs with ``on_step=True`` and
-    ``on_epoch=True``, so Lightning stores it as ``train/kl_step``; a metric logged on step
-    only is found under ``kl_key`` itself). The values stay on the device and are averaged
-    over ``update_every`` batches (and across processes); the controller then reads one number,
-    so ``update_every=k`` costs one host synchronisation per k batches.
+    The KL is read at ``on_train_batch_end``: the value named ``kl_key`` (``train/kl``) in the
+    training step's ``outputs`` (ilvae models return their step's terms under their logged
+    names), else the step value in ``trainer.callback_metrics`` (``train/kl_step`` for a value
+    logged with ``on_step=True`` and ``on_epoch=True``, ``kl_key`` itself for one logged on step
+    only). The values stay on the device and are averaged over ``update_every`` batches (and
+    across processes); the controller then reads one number, so ``update_every=k`` costs one
+    host synchronisation per k batches.
 
     Args:
         kl_target: KL* ≥ 0 in nats (the total KL Σ_i KL_i averaged over the batch).
@@ -346,10 +349,6 @@ class TargetKLController(_SetsHyperParameter):
         kl_key: logged metric holding the KL.
         update_every: batches per controller update.
     """
-
-    #: It reads the training KL from ``trainer.callback_metrics`` after every step, so the
-    #: model hands its training-step values to Lightning every step (see ``ilvae.models.base``).
-    reads_step_metrics = True
 
     default_target = "beta"
 
@@ -417,14 +416,17 @@ class TargetKLController(_SetsHyperParameter):
         self.value = min(max(raw, self.min_value), self.max_value)
         return self.value
 
-    def _read_kl(self, trainer: pl.Trainer) -> Any:
+    def _read_kl(self, trainer: pl.Trainer, outputs: Any = None) -> Any:
+        if isinstance(outputs, Mapping) and self.kl_key in outputs:
+            return torch.as_tensor(outputs[self.kl_key]).detach()
         metrics = trainer.callback_metrics
         for key in (f"{self.kl_key}_step", self.kl_key):
             if key in metrics:
                 return metrics[key].detach()
+        names = set(metrics) | (set(outputs) - {"loss"} if isinstance(outputs, Mapping) else set())
         raise ConfigurationError(
-            f"TargetKLController: kl_key={self.kl_key!r} was not logged by the training step; "
-            f"logged metrics: {', '.join(sorted(metrics)) or 'none'}")
+            f"TargetKLController: kl_key={self.kl_key!r} was not returned or logged by the "
+            f"training step; its terms and logged metrics: {', '.join(sorted(names)) or 'none'}")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_target(trainer, pl_module)
@@ -439,7 +441,7 @@ class TargetKLController(_SetsHyperParameter):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._kl_sum = self._kl_sum + self._read_kl(trainer)
+        self._kl_sum = self._kl_sum + self._read_kl(trainer, outputs)
         self._kl_count += 1
         if self._kl_count < self.update_every:
             return

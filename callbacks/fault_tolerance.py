@@ -4,9 +4,9 @@
   number generator states through checkpoints, which Lightning does not do by itself, so a
   resumed run draws the same posterior samples, binarisations and dropout masks as the run it
   continues.
-- :class:`NonFiniteLossGuard` — configures the module's :class:`~ilvae.loss_guard.LossGuard`
-  (stop on a NaN/inf loss, or skip the batch), checks it before every checkpoint and every
-  validation, and writes a report of what happened next to the logs.
+- :class:`NonFiniteLossGuard` (defined in :mod:`ilvae.loss_guard`) — stops the run on a NaN/inf
+  loss, or skips the batch, through Lightning's public hooks, checks before every checkpoint
+  and every validation, and writes a report of what happened next to the logs.
 
 Both are enabled by default in the ``ilvae`` CLI (``--nonfinite.action=skip`` switches the
 guard to skipping).
@@ -14,10 +14,8 @@ guard to skipping).
 
 from __future__ import annotations
 
-import json
-import os
 import random
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -25,8 +23,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from ilvae.errors import NonFiniteLossError
-from ilvae.loss_guard import LossGuard
+from ilvae.loss_guard import NonFiniteLossGuard
 
 # ------------------------------------------------------------------------------- RNG states
 
@@ -106,80 +103,6 @@ class RandomStateCheckpoint(Callback):
         if self._pending is not None:
             restore_random_state(self._pending)
             self._pending = None
-
-
-# ---------------------------------------------------------------------------- loss guard
-
-
-class NonFiniteLossGuard(Callback):
-    """Stop the run on a NaN or infinite training loss (default), or skip such batches.
-
-    Args:
-        action: ``"stop"``: raise :class:`~ilvae.errors.NonFiniteLossError` naming the step, its
-            loss terms and the last good checkpoint; nothing is saved after the bad step.
-            ``"skip"``: leave the parameters untouched for that batch, count it and log the
-            count as ``train/skipped_batches``.
-        check_every_n_steps: ``stop`` only. 1 (default) reads the device-side flag every step,
-            so the run stops at the bad step itself. A larger n removes that per-step host
-            synchronisation (useful on GPU with the progress bar off); the step and terms
-            reported are the same, the run stops up to n − 1 steps later and still saves
-            nothing after the bad step (the flag is also read before every checkpoint and every
-            validation).
-        max_skipped: ``skip`` only: stop once more than this many batches were skipped
-            (``None``: never).
-
-    On a stop, and at the end of a run that skipped batches, ``nonfinite_loss.json`` (step,
-    epoch, batch, terms, checkpoint) is written to the run directory.
-    """
-
-    def __init__(self, action: Literal["stop", "skip"] = "stop", check_every_n_steps: int = 1,
-                 max_skipped: int | None = None) -> None:
-        self.guard = LossGuard(action, check_every_n_steps, max_skipped)
-
-    @property
-    def action(self) -> str:
-        return self.guard.action
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if hasattr(pl_module, "loss_guard"):
-            pl_module.loss_guard = self.guard
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: Any) -> None:
-        self.guard.apply_skip(trainer, pl_module)
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training or trainer.state.fn == "fit":
-            self.guard.check(trainer)
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        # Called while the checkpoint is assembled, before anything is written: raising here
-        # keeps the previous file.
-        self.guard.check(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.guard.check(trainer)
-        if self.guard.skipped:
-            self._write(trainer, {"action": "skip", "skipped": self.guard.skipped})
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
-        if isinstance(exception, NonFiniteLossError):
-            self._write(trainer, {"action": self.guard.action, **exception.report})
-
-    @staticmethod
-    def _write(trainer: pl.Trainer, report: dict[str, Any]) -> None:
-        if not trainer.is_global_zero:
-            return
-        # Not trainer.log_dir: that is a collective, and this runs on rank 0 only.
-        directory = getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir
-        if not directory:
-            return
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "nonfinite_loss.json")
-        with open(path, "w") as file:
-            json.dump(report, file, indent=2, default=str)
 
 
 __all__ = ["NonFiniteLossGuard", "RandomStateCheckpoint", "capture_random_state",

@@ -1,41 +1,48 @@
 """What a training step does with a NaN or infinite loss: stop the run, or skip the batch.
 
-Every model built on ``LatentVariableModel`` passes its training loss through
-:class:`LossGuard` (the base class wraps ``training_step``). The guard costs one ``isfinite``
-per step:
+:class:`NonFiniteLossGuard` is a callback working through Lightning's public hooks
+(``on_train_batch_start``, ``on_before_backward``, ``on_before_optimizer_step``,
+``on_train_batch_end``); ilvae models add a stopping one when the trainer has none. The model's
+``training_step`` returns ``{"loss": …, "train/<term>": …}`` (a step whose distribution
+parameters are NaN/inf returns a NaN loss with zero gradients), and the guard reads the loss
+before the backward pass and the terms, for its report, from ``outputs``. It costs one
+``isfinite`` per step:
 
-- ``action="stop"`` (default) with ``check_every_n_steps=1`` (default), one process: the flag is
-  read every step (one scalar read) and the step's terms are recorded only when it is false.
-- ``action="stop"`` otherwise: the loss terms logged in the first non-finite step are recorded on
-  the device (its step, epoch and batch index are host integers anyway), without a host
-  synchronisation. Every ``check_every_n_steps`` steps, and always before a checkpoint is
-  written or validation starts, the record is read and the run stops with
-  :class:`~ilvae.errors.NonFiniteLossError` (under DDP the record is reduced across processes
-  every step, so all of them stop together).
-  With ``check_every_n_steps=1`` the step raises before its backward pass, so the
-  weights in memory are the last finite ones; with a larger value the run stops up to n − 1
-  steps later, but nothing is saved after the bad step in either case, so the last checkpoint
-  on disk is the last good one.
-- A step whose distribution parameters are NaN/inf (NaN weights or a corrupted batch make
-  ``torch.distributions`` reject them before any loss exists) counts as a non-finite step.
-- ``action="skip"``: a non-finite step returns a loss whose gradient is zero for every
-  parameter and the gradients are dropped before the optimiser step, so the optimiser leaves the
-  parameters and its own state untouched; the step's logged values are discarded (no NaN in
-  the epoch averages), the count is logged as ``train/skipped_batches`` and each skipped step
-  is listed in :attr:`LossGuard.skipped`. This needs the flag on the host every step (one
-  scalar read); under DDP the flag is reduced across processes first, so every process skips
-  the same steps. ``max_skipped`` turns an endless run of bad batches into a stop.
+- ``action="stop"`` (default) with ``check_every_n_steps=1`` (default), or under DDP: the flag
+  is read before the backward pass (one scalar read; under DDP reduced across processes first,
+  so all of them stop together). On a bad step the gradients are dropped before the optimiser
+  step, so the weights in memory stay the last finite ones, and the run stops with
+  :class:`~ilvae.errors.NonFiniteLossError` at the end of that step, before any checkpoint of it.
+- ``action="stop"`` with a larger ``check_every_n_steps`` on one process: the terms of the first
+  non-finite step are recorded on the device (its step, epoch and batch index are host integers
+  anyway), without a host synchronisation. Every ``check_every_n_steps`` steps, and always
+  before a checkpoint is written or validation starts, the record is read and the run stops;
+  up to n − 1 steps later, but nothing is saved after the bad step, so the last checkpoint on
+  disk is the last good one.
+- ``action="skip"``: a non-finite step's gradients are dropped before the optimiser step, so
+  the optimiser leaves the parameters and its own state untouched (backward, and DDP's
+  gradient all-reduce, run as usual); the model's epoch means leave the batch out, the count
+  is logged as ``train/skipped_batches`` and each skipped step is listed in
+  :attr:`LossGuard.skipped`. Under DDP the flag is reduced across processes first, so every
+  process skips the same steps. ``max_skipped`` turns an endless run of bad batches into a stop.
+
+On a stop, and at the end of a run that skipped batches, ``nonfinite_loss.json`` (step, epoch,
+batch, terms, checkpoint) is written to the run directory.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from ilvae.errors import ConfigurationError, NonFiniteLossError
@@ -125,79 +132,70 @@ class LossGuard:
             self._values = torch.where(new, current, self._values)
 
     # ------------------------------------------------------------------- steps
-    def __call__(self, module: Any, output: Any, terms: dict[str, Any], batch_idx: Any) -> Any:
-        """Pass a training step's output through the guard: returned as is, replaced by a
-        zero-gradient loss (``skip``), or :class:`NonFiniteLossError` (``stop``)."""
-        loss = output.get("loss") if isinstance(output, dict) else output
-        trainer = getattr(module, "_trainer", None)
-        if not isinstance(loss, Tensor) or trainer is None:
-            return output
-        if self.check_every_n_steps == 1 and self.action == "stop" and not _distributed():
-            # The flag is read every step anyway: read it directly (one operation and one
-            # scalar read) and build the record only for the step that stops the run. The
-            # device-side record costs about ten operations per step.
-            if bool(torch.isfinite(loss.detach()).all()):
-                return output
-        where = _where(trainer, batch_idx)
-        if self.action == "skip":
-            return self._skip(module, output, loss, terms, where)
-        self._record(loss, terms, where)
-        # Under DDP every process checks every step: a process that stopped alone would leave
-        # the others waiting in the next collective.
-        if self._calls % self.check_every_n_steps == 0 or _distributed():
-            self.check(trainer)
-        return output
+    def _reads_every_step(self) -> bool:
+        return self.action == "skip" or self.check_every_n_steps == 1 or _distributed()
 
-    def nonfinite_parameters(self, module: Any, error: BaseException, terms: dict[str, Any],
-                             batch_idx: Any) -> Any:
-        """The step failed because a distribution got NaN/inf parameters (NaN weights or a
-        corrupted batch): skip it, or stop now (there is no loss to go on with)."""
-        trainer = getattr(module, "_trainer", None)
-        if trainer is None:
-            raise error
-        where = _where(trainer, batch_idx)
-        cause = str(error).strip().splitlines()[0]
-        cause = cause.split(" of distribution ")[0].replace("Expected parameter ", "")
-        terms = {**terms, f"non-finite distribution parameter ({cause})": math.nan}
-        nan = torch.full((), math.nan, device=module.device)
-        if self.action == "skip":
-            return self._skip(module, None, nan, terms, where)
-        self._record(nan, terms, where)
-        self.check(trainer)
-        raise error  # not reached: the record makes check() raise
+    def start(self, trainer: Any, batch_idx: Any) -> None:
+        """Before a training step: where it is."""
+        self._where = _where(trainer, batch_idx)
+        self._bad: bool | None = None
+        self.last_skipped = False
 
-    def _skip(self, module: Any, output: Any, loss: Tensor, terms: dict[str, Any],
-              where: dict[str, Any]) -> Any:
-        bad = (~torch.isfinite(loss.detach())).to(torch.float32)
+    def inspect(self, loss: Tensor) -> None:
+        """Before the backward pass: read the loss's flag when the action needs it every step
+        (agreed across processes under DDP); a bad step's gradients will be dropped."""
+        if not self._reads_every_step():
+            return
+        bad = (~torch.isfinite(loss.detach())).any().to(torch.float32)
         if _distributed():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.last_skipped = bool(bad)
-        if not self.last_skipped:
-            return output
+        self._bad = bool(bad)
+        self._skip_pending = self._bad
+
+    def finish(self, trainer: Any, outputs: Any) -> None:
+        """After a training step: count a skipped batch, stop on a bad one, or record it."""
+        terms = dict(outputs) if isinstance(outputs, Mapping) else {"loss": outputs}
+        loss = terms.pop("loss", None)
+        if not isinstance(loss, Tensor):
+            return
+        where = getattr(self, "_where", None) or _where(trainer, None)
+        if self.action == "skip":
+            if self._bad:
+                self._skip(trainer, terms, where)
+            return
+        if self._bad is None:
+            self._record(loss, terms, where)
+            if self._calls % self.check_every_n_steps == 0:
+                self.check(trainer)
+        elif self._bad:
+            self._record(loss, terms, where)
+            self.check(trainer)
+
+    def __call__(self, trainer: Any, output: Any, terms: dict[str, Any], batch_idx: Any) -> Any:
+        """Check one step's loss (``output`` or ``output["loss"]``) with its ``terms`` outside a
+        fit: returned as is, or :class:`NonFiniteLossError` (``stop``)."""
+        self.start(trainer, batch_idx)
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        self.inspect(loss)
+        self.finish(trainer, {"loss": loss, **terms})
+        return output
+
+    def _skip(self, trainer: Any, terms: dict[str, Any], where: dict[str, Any]) -> None:
+        self.last_skipped = True
         self.skipped.append({**where, "terms": {k: _number(v) for k, v in terms.items()
                                                  if isinstance(v, (Tensor, int, float))
                                                  and not isinstance(v, bool)}})
         if self.max_skipped is not None and len(self.skipped) > self.max_skipped:
             report = {**self.skipped[-1], "skipped": len(self.skipped),
-                      "last_checkpoint": last_checkpoint(module.trainer)}
+                      "last_checkpoint": last_checkpoint(trainer)}
             raise NonFiniteLossError(
                 f"{len(self.skipped)} batches had a non-finite loss, more than "
                 f"max_skipped={self.max_skipped}; {_describe(report)}", report)
-        # A loss with zero gradient for every parameter: backward (and DDP's gradient
-        # all-reduce) run as usual, then apply_skip() drops the gradients so that the optimiser
-        # leaves the parameters and its own state untouched. (Lightning refuses a None loss
-        # under DDP.)
-        params = [p for p in module.parameters() if p.requires_grad]
-        neutral = torch.stack([p.sum() for p in params]).sum() * 0.0 if params else None
-        self._skip_pending = True
-        if isinstance(output, dict):
-            return {**output, "loss": neutral}
-        return neutral
 
     def apply_skip(self, trainer: Any, module: Any) -> None:
-        """Before the optimiser step: drop the gradients of a skipped batch (so Adam and
-        friends skip every parameter). With gradient accumulation the skipped batch has
-        contributed zero gradients and the other batches' are kept."""
+        """Before the optimiser step: drop the gradients of a bad batch (so Adam and friends
+        skip every parameter). With gradient accumulation the other batches' are kept and the
+        bad one's were made zero by the model."""
         if not getattr(self, "_skip_pending", False):
             return
         self._skip_pending = False
@@ -243,6 +241,92 @@ class LossGuard:
                 "last_checkpoint": last_checkpoint(trainer)}
 
 
+class NonFiniteLossGuard(Callback):
+    """Stop the run on a NaN or infinite training loss (default), or skip such batches.
+
+    Args:
+        action: ``"stop"``: raise :class:`~ilvae.errors.NonFiniteLossError` naming the step, its
+            loss terms and the last good checkpoint; nothing is saved after the bad step.
+            ``"skip"``: leave the parameters untouched for that batch, count it and log the
+            count as ``train/skipped_batches``.
+        check_every_n_steps: ``stop`` only. 1 (default) reads the device-side flag every step,
+            so the run stops at the bad step itself. A larger n removes that per-step host
+            synchronisation (useful on GPU with the progress bar off); the step and terms
+            reported are the same, the run stops up to n − 1 steps later and still saves
+            nothing after the bad step (the flag is also read before every checkpoint and every
+            validation).
+        max_skipped: ``skip`` only: stop once more than this many batches were skipped
+            (``None``: never).
+
+    On a stop, and at the end of a run that skipped batches, ``nonfinite_loss.json`` (step,
+    epoch, batch, terms, checkpoint) is written to the run directory.
+    """
+
+    def __init__(self, action: Literal["stop", "skip"] = "stop", check_every_n_steps: int = 1,
+                 max_skipped: int | None = None) -> None:
+        self.guard = LossGuard(action, check_every_n_steps, max_skipped)
+
+    @property
+    def action(self) -> str:
+        return self.guard.action
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The model's public ``loss_guard`` attribute shows what happened (skipped batches).
+        pl_module.loss_guard = self.guard
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self.guard.start(trainer, batch_idx)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           loss: Tensor) -> None:
+        self.guard.inspect(loss)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        self.guard.apply_skip(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.guard.finish(trainer, outputs)
+        if self.guard.action == "skip":
+            pl_module.log("train/skipped_batches", float(len(self.guard.skipped)),
+                          on_step=True, on_epoch=False, reduce_fx="max")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.training or trainer.state.fn == "fit":
+            self.guard.check(trainer)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Called while the checkpoint is assembled, before anything is written: raising here
+        # keeps the previous file.
+        self.guard.check(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.guard.check(trainer)
+        if self.guard.skipped:
+            self._write(trainer, {"action": "skip", "skipped": self.guard.skipped})
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        if isinstance(exception, NonFiniteLossError):
+            self._write(trainer, {"action": self.guard.action, **exception.report})
+
+    @staticmethod
+    def _write(trainer: pl.Trainer, report: dict[str, Any]) -> None:
+        if not trainer.is_global_zero:
+            return
+        # Not trainer.log_dir: that is a collective, and this runs on rank 0 only.
+        directory = getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir
+        if not directory:
+            return
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "nonfinite_loss.json")
+        with open(path, "w") as file:
+            json.dump(report, file, indent=2, default=str)
+
+
 def is_nonfinite_parameter_error(error: BaseException) -> bool:
     """Whether ``error`` is torch.distributions rejecting NaN/inf parameters."""
     text = str(error)
@@ -272,4 +356,5 @@ def _describe(report: dict[str, Any]) -> str:
             f"the run stopped without saving anything after it, {kept}")
 
 
-__all__ = ["ACTIONS", "LossGuard", "is_nonfinite_parameter_error", "last_checkpoint"]
+__all__ = ["ACTIONS", "LossGuard", "NonFiniteLossGuard", "is_nonfinite_parameter_error",
+           "last_checkpoint"]

@@ -55,10 +55,11 @@ def test_quickstart_writes_tensorboard_scalars_and_checkpoints(tmp_path, capsys)
     log_dir = Path(cli.trainer.log_dir)
     assert log_dir.is_relative_to(tmp_path)
     scalars = _scalars(log_dir)
-    for tag in ("train/loss_step", "train/kl_step", "train/recon_step", "val/elbo",
+    for tag in ("train/loss_step", "train/loss", "train/kl", "train/recon", "val/elbo",
                 "val/kl", "train/beta", "train/L"):
         assert tag in scalars, tag
     assert len(scalars["train/loss_step"]) == 8  # 2 epochs x 4 batches, logged every step
+    assert len(scalars["train/kl"]) == 2  # the other terms: epoch means
     assert scalars["train/L"] == pytest.approx([1.0] * 8)
     # the logged ELBO is the negative of recon + kl for the same validation pass
     elbo, kl = scalars["val/elbo"][-1], scalars["val/kl"][-1]

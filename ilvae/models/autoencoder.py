@@ -44,7 +44,7 @@ class Autoencoder(LatentVariableModel):
         log_px = self.decoder.likelihood.log_prob(x.flatten(1), theta)
         return {"z": z, "theta": theta, "log_px": log_px}
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
+    def _step(self, batch: Any, stage: str) -> Any:
         x, _ = self.unpack(batch)
         if stage == "train":
             x = self.decoder.likelihood.prepare(x)
@@ -52,10 +52,8 @@ class Autoencoder(LatentVariableModel):
         recon = -out["log_px"].mean()
         mean = self.decoder.likelihood.mean(out["theta"])
         gamma_star = ((x.flatten(1) - mean) ** 2).mean()
-        self.log_dict({f"{stage}/loss": recon, f"{stage}/recon": recon,
-                       f"{stage}/gamma_star": gamma_star}, on_step=stage == "train",
-                      on_epoch=True, batch_size=x.shape[0])
-        return recon
+        return self.log_terms(stage, recon, {"recon": recon, "gamma_star": gamma_star},
+                              x.shape[0])
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:

@@ -240,24 +240,20 @@ class ConditionalVAE(LatentVariableModel):
         return {"posterior": posterior, "prior": prior, "z": z, "theta": theta,
                 "log_py": log_py, "kl": kl}
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
+    def _step(self, batch: Any, stage: str) -> Any:
         x, y = self.unpack(batch)
         if stage == "train":
             y = self.decoder.likelihood.prepare(y)
         out = self(x, y)
         loss, terms = beta_vae_loss(out["log_py"], out["kl"], self.beta)
         n = x.shape[0]
-        self.log(f"{stage}/loss", terms.pop("loss"), on_step=stage == "train", on_epoch=True,
-                 prog_bar=True, batch_size=n)
-        self.log_dict({f"{stage}/{k}": v for k, v in terms.items()},
-                      on_step=stage == "train", on_epoch=True, batch_size=n)
-        if stage == "train":
-            self.log("train/beta", float(self.beta), on_step=True, on_epoch=False)
-        elif stage == "val":
+        terms.pop("loss")
+        output = self.log_terms(stage, loss, terms, n)
+        if stage == "val":
             kl = out["kl"].detach().double().sum(0)
             self._kl_sum = kl if self._kl_sum is None else self._kl_sum + kl
             self._kl_count += n
-        return loss
+        return output
 
     def on_validation_epoch_start(self) -> None:
         self._kl_sum, self._kl_count = None, 0

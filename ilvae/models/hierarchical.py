@@ -25,7 +25,6 @@ from ilvae.priors import StandardNormal
 # Likelihood terms per IW chunk: keeps the K-sample passes cache-sized (as ImportanceWeightedNLL).
 _CHUNK_VALUES = 2**21
 # Logged terms of the objective besides the loss, in this order.
-_TERMS = ("recon", "kl_z1", "kl_z2", "kl", "elbo")
 
 
 def _positive_int(field: str, value: Any, minimum: int = 1) -> int:
@@ -74,8 +73,8 @@ class HierarchicalVAE(LatentVariableModel):
     p(z₁|z₂) (its ``likelihood`` is the N(·, η_dec² I)) and ``decoder`` p(x|z₁).
 
     Logged: ``{stage}/loss``, ``recon``, ``kl_z1`` (the z₁ term above), ``kl_z2``, ``kl``
-    (their sum), ``elbo``, as epoch means (``train/loss`` also per step: a per-step log call
-    costs more than a step of this model); ``train/beta_1``, ``train/beta_2``. At validation
+    (their sum), ``elbo``, as epoch means (the loss also per step, ``train/loss_step``);
+    ``train/beta_1``, ``train/beta_2``. At validation
     and test also ``{stage}/iw_nll`` (:meth:`iw_nll`, K = ``num_iw_samples``; 0 skips it), and
     per epoch ``{stage}/kl_z2_per_dim/j`` (E KL(q(z₂ⱼ|z₁) ‖ p(z₂ⱼ)), one z₁ sample per
     example), ``{stage}/epsilon_collapsed_z2`` (dimensions with that mean below ``eps`` nats)
@@ -280,63 +279,18 @@ class HierarchicalVAE(LatentVariableModel):
             x = self.decoder.likelihood.prepare(x)
         out = self(x)
         loss, terms = self._objective(out)
-        size = x.shape[0]
-        self.log(f"{stage}/loss", terms.pop("loss"), on_step=train, on_epoch=True,
-                 prog_bar=True, batch_size=size)
+        terms.pop("loss")
+        output = self.log_terms(stage, loss, terms, x.shape[0])
         if train:
-            self._accumulate(terms, size)
-            self._log_if_changed("train/beta_1", float(self.beta_1))
-            self._log_if_changed("train/beta_2", float(self.beta_2))
-            return loss
-        self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, on_step=False,
-                      on_epoch=True, batch_size=size)
+            return output
         metrics = self.collapse_metrics[stage]
         metrics["kl_z2"].update(out["posterior_z2"])
         metrics["au_z1"].update(out["posterior"])
         metrics["au_z2"].update(self.encode_z2(out["posterior"].loc))
         if self.num_iw_samples > 0:
             self.log(f"{stage}/iw_nll", self.iw_nll(x).mean().float(), on_step=False,
-                     on_epoch=True, batch_size=size)
+                     on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         return loss
-
-    def _log_if_changed(self, name: str, value: float) -> None:
-        # Each self.log call costs more than this model's forward pass: log the weights when
-        # they change (Lightning keeps an on-step value until the epoch ends), as the VAE does.
-        logged = self.__dict__.setdefault("_logged_values", {})
-        if logged.get(name) != value:
-            self.log(name, value, on_step=True, on_epoch=False)
-            logged[name] = value
-        elif self.__dict__.get("_step_terms") is not None:
-            self.__dict__["_step_terms"][name] = value  # the loss guard still sees every term
-
-    def _accumulate(self, terms: dict[str, Tensor], size: int) -> None:
-        # A self.log call costs more than this model's training step, so the terms other than
-        # the loss are averaged over the epoch on the device (no host synchronisation) and
-        # logged once per epoch; the loss guard still sees every term of every step.
-        step_terms = self.__dict__.get("_step_terms")
-        if step_terms is not None:
-            step_terms.update({f"train/{k}": v for k, v in terms.items()})
-        values = torch.stack([terms[k].detach().float() for k in _TERMS]) * size
-        self.__dict__["_pending_terms"] = (values, size)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        pending = self.__dict__.pop("_pending_terms", None)
-        guard = self.loss_guard
-        if pending is None or (guard.action == "skip" and guard.last_skipped):
-            return  # a skipped batch leaves no trace in the epoch means
-        total, count = self.__dict__.get("_epoch_terms", (0.0, 0))
-        self.__dict__["_epoch_terms"] = (total + pending[0], count + pending[1])
-
-    def on_train_epoch_start(self) -> None:
-        # Lightning drops on-step values at the end of an epoch: log β₁ and β₂ again.
-        self.__dict__["_logged_values"] = {}
-        self.__dict__.pop("_epoch_terms", None)
-
-    def on_train_epoch_end(self) -> None:
-        total, count = self.__dict__.pop("_epoch_terms", (None, 0))
-        if count:
-            self.log_dict({f"train/{k}": v for k, v in zip(_TERMS, total / count, strict=True)},
-                          on_step=False, on_epoch=True)
 
     def _log_collapse(self, stage: str) -> None:
         metrics = self.collapse_metrics[stage]

@@ -120,19 +120,11 @@ class _LinearModel(LatentVariableModel):
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
+    def _step(self, batch: Any, stage: str) -> Any:
         x, _ = self.unpack(batch)
         loss, terms = self.loss(x)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", terms.pop("loss"), on_step=on_step, on_epoch=True,
-                 prog_bar=True, batch_size=x.shape[0])
-        self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, on_step=on_step,
-                      on_epoch=True, batch_size=x.shape[0])
-        if stage == "train":
-            for name in self._logged_weights:
-                self.log(f"train/{name}", float(getattr(self, name)), on_step=True,
-                         on_epoch=False)
-        return loss
+        terms.pop("loss")
+        return self.log_terms(stage, loss, terms, x.shape[0])
 
     def _sample_first_level(self, n: int) -> Tensor:
         return self.prior.sample(n)

@@ -394,32 +394,22 @@ class MixtureVAE(LatentVariableModel):
         return {"logits": logits, "posterior": posterior, "z": z,
                 "theta": theta.reshape(K, B, -1), "log_px": log_px, "kl_z": kl_z}
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
+    def _step(self, batch: Any, stage: str) -> Any:
         x, y = self.unpack(batch)
         if stage == "train":
             x = self.decoder.likelihood.prepare(x)
         out = self(x)
         loss, terms = mixture_loss(out["log_px"], out["kl_z"], out["logits"], self.beta)
-        on_step, size = stage == "train", x.shape[0]
-        self.log(f"{stage}/loss", terms.pop("loss"), on_step=on_step, on_epoch=True,
-                 prog_bar=True, batch_size=size)
-        self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, on_step=on_step,
-                      on_epoch=True, batch_size=size)
+        terms.pop("loss")
         with torch.no_grad():
             q = torch.softmax(out["logits"], -1).t()
             mean = self.decoder.likelihood.mean(out["theta"])
             sq = ((x.flatten(1) - mean) ** 2).mean(-1)
-            self.log(f"{stage}/gamma_star", (q * sq).sum(0).mean(), on_step=False,
-                     on_epoch=True, batch_size=size)
-        if stage == "train":
-            self.log("train/beta", float(self.beta), on_step=True, on_epoch=False)
-            if hasattr(self.decoder, "L"):
-                self.log("train/L", float(self.decoder.L), on_step=True, on_epoch=False)
-            if self.prior.L is not None:
-                self.log("train/L1", float(self.prior.L), on_step=True, on_epoch=False)
-        elif y is not None:
+            terms["gamma_star"] = (q * sq).sum(0).mean()
+        output = self.log_terms(stage, loss, terms, x.shape[0])
+        if stage != "train" and y is not None:
             self._update_accuracy(out["logits"].detach(), y, stage)
-        return loss
+        return output
 
     def _update_accuracy(self, logits: Tensor, y: Tensor, stage: str) -> None:
         labelled = y >= 0

@@ -113,10 +113,9 @@ class TextVAE(LatentVariableModel):
                  lr_scheduler: LRSchedulerCallable | None = None) -> None:
         # LatentVariableModel.__init__ builds ilvae Encoder/Decoder blocks from the sizes
         # (data_shape, latent_dim); the LSTM blocks need the vocabulary and widths instead, so
-        # this sets the same attributes itself and inherits the rest: the loss guard around
-        # training_step, the val/test sync_dist default of log and log_dict, the skip before
-        # the optimiser step, the weights_only load_from_checkpoint, and on_fit_start (and the
-        # CLI) calling check_data before training.
+        # this sets the same attributes itself and inherits the rest: training_step and the
+        # logging of log_terms, the default loss guard, the weights_only load_from_checkpoint,
+        # and on_fit_start (and the CLI) calling check_data before training.
         super(LatentVariableModel, self).__init__()
         shape = tuple(data_shape)
         if len(shape) != 1 or isinstance(shape[0], bool) or not isinstance(shape[0], int) \
@@ -215,24 +214,16 @@ class TextVAE(LatentVariableModel):
                 f"{tuple(tokens.shape)}; use TextDataModule")
         return tokens
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
+    def _step(self, batch: Any, stage: str) -> Any:
         tokens = self._tokens(batch)
         inputs = self.drop_words(tokens) if stage == "train" else None
         out = self(tokens, inputs)
         loss, terms = beta_vae_loss(out["log_px"], out["kl"], self.beta, self.free_bits)
-        on_step = stage == "train"
-        size = tokens.shape[0]
-        self.log(f"{stage}/loss", terms.pop("loss"), on_step=on_step, on_epoch=True,
-                 prog_bar=True, batch_size=size)
-        self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, on_step=on_step,
-                      on_epoch=True, batch_size=size)
-        if stage == "train":
-            self.log("train/beta", float(self.beta), on_step=True, on_epoch=False)
-            if self.z_injection == "brenier":
-                self.log("train/L", float(self.decoder.L), on_step=True, on_epoch=False)
-        elif self.num_iw_samples > 0:
+        terms.pop("loss")
+        output = self.log_terms(stage, loss, terms, tokens.shape[0])
+        if stage != "train" and self.num_iw_samples > 0:
             self._nll[stage].update(self.iw_nll(tokens), tokens)
-        return loss
+        return output
 
     def _log_nll(self, stage: str) -> None:
         metric = self._nll[stage]

@@ -15,7 +15,7 @@ from ilvae.encoders import EncoderCallable
 from ilvae.errors import ConfigurationError
 from ilvae.likelihoods import Bernoulli, binarization_generator, binarize_fixed
 from ilvae.metrics.iw_nll import importance_weighted_nll
-from ilvae.models.base import EpochSum, LatentVariableModel, check_number
+from ilvae.models.base import LatentVariableModel, check_number
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import PriorCallable
 
@@ -28,8 +28,8 @@ class VAE(LatentVariableModel):
 
     with log p(x|z) summed over data dimensions (the decoder's likelihood), β = ``beta`` and
     λ = ``free_bits`` (0 disables it). ``beta`` is a plain attribute that schedule callbacks
-    change during training; it is logged every step as ``train/beta`` (and the decoder's
-    inverse-Lipschitz constant as ``train/L`` when it has one).
+    change during training; it is logged as ``train/beta`` (and the decoder's
+    inverse-Lipschitz constant as ``train/L`` when it has one) whenever it changes.
 
     Args:
         data_shape: shape of one example; supplied by the datamodule in the CLI.
@@ -82,42 +82,19 @@ class VAE(LatentVariableModel):
         kl = self.prior.kl(posterior, z)
         return {"posterior": posterior, "z": z, "theta": theta, "log_px": log_px, "kl": kl}
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
+    def _step(self, batch: Any, stage: str) -> Any:
         x, _ = self.unpack(batch)
-        train = stage == "train"
-        if train:
+        if stage == "train":
             x = self.decoder.likelihood.prepare(x)
         out = self(x)
         loss, terms = self._loss(out["log_px"], out["kl"])
-        batch_size = x.shape[0]
-        # The loss goes to the progress bar only when there is one: Lightning converts
-        # progress-bar values to Python numbers after every step (a host synchronisation on
-        # an accelerator), whether or not a bar shows them.
-        trainer = self._trainer
-        bar = trainer is None or getattr(trainer, "progress_bar_callback", True) is not None
-        for name, value in terms.items():
-            self.log(f"{stage}/{name}", value, on_step=train, on_epoch=True,
-                     prog_bar=bar and name == "loss", batch_size=batch_size)
+        terms.pop("loss")
         with torch.no_grad():
             target = x.flatten(1)
             mean = self.decoder.likelihood.mean(out["theta"])
             dtype = torch.promote_types(mean.dtype, target.dtype)
-            gamma_star = (mean.to(dtype) - target).square_().mean()  # mean((E[x|z] − x)²)
-        if train:
-            # γ* is an epoch mean kept on the device (summed at the epoch's end), and β and L
-            # are logged when they change (Lightning keeps an on-step value until the epoch
-            # ends, so every logging step still records them).
-            gammas = self.__dict__.get("_gamma_star")
-            if gammas is None:
-                gammas = self.__dict__["_gamma_star"] = EpochSum()
-            gammas.add(gamma_star, batch_size)
-            self._log_if_changed("train/beta", float(self.beta))
-            if hasattr(self.decoder, "L"):
-                self._log_if_changed("train/L", float(self.decoder.L))
-        else:
-            self.log(f"{stage}/gamma_star", gamma_star, on_step=False, on_epoch=True,
-                     batch_size=batch_size)
-        return loss
+            terms["gamma_star"] = (mean.to(dtype) - target).square_().mean()  # mean((E[x|z] − x)²)
+        return self.log_terms(stage, loss, terms, x.shape[0])
 
     def _loss(self, log_px: Tensor, kl: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """:func:`~ilvae.objectives.beta_vae_loss`; without free bits the KL penalty is the
@@ -129,25 +106,6 @@ class VAE(LatentVariableModel):
         kl_total = kl.sum(-1).mean()
         loss = recon + (kl_total if beta == 1 else beta * kl_total)
         return loss, {"loss": loss, "recon": recon, "kl": kl_total, "elbo": -(recon + kl_total)}
-
-    def _log_if_changed(self, name: str, value: float) -> None:
-        logged = self.__dict__.setdefault("_logged_values", {})
-        if logged.get(name) != value:
-            self.log(name, value, on_step=True, on_epoch=False)
-            logged[name] = value
-        elif self.__dict__.get("_step_terms") is not None:
-            self.__dict__["_step_terms"][name] = value  # the loss guard still sees every term
-
-    def on_train_epoch_start(self) -> None:
-        # Lightning drops on-step values at the end of an epoch: log β and L again.
-        self.__dict__["_logged_values"] = {}
-        self.__dict__.pop("_gamma_star", None)
-
-    def on_train_epoch_end(self) -> None:
-        gammas = self.__dict__.pop("_gamma_star", None)
-        if gammas is not None and gammas.count:
-            self.log("train/gamma_star", gammas.epoch_sum() / gammas.count, on_step=False,
-                     on_epoch=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The test metrics of :meth:`_step` (``test/elbo`` etc., on the data as given: grey
@@ -161,17 +119,17 @@ class VAE(LatentVariableModel):
         loss = self._step(batch, "test")
         if isinstance(self.decoder.likelihood, Bernoulli):
             x, _ = self.unpack(batch)
-            generator = self.__dict__.get("_binarization_generator")
+            generator = getattr(self, "_binarization_generator", None)
             if generator is None:
-                generator = self.__dict__["_binarization_generator"] = binarization_generator()
+                generator = self._binarization_generator = binarization_generator()
             out = self(binarize_fixed(x, generator))
             elbo = (out["log_px"] - out["kl"].sum(-1)).mean()
             self.log("test/elbo_binarized", elbo, on_step=False, on_epoch=True,
-                     batch_size=x.shape[0])
+                     batch_size=x.shape[0], sync_dist=True)
         return loss
 
     def on_test_epoch_start(self) -> None:
-        self.__dict__["_binarization_generator"] = binarization_generator()
+        self._binarization_generator = binarization_generator()
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Posterior parameters of each example (and its label when the data have one)."""

@@ -385,13 +385,13 @@ def test_controller_names_a_missing_kl_key(tmp_path):
 
 def test_controller_reads_the_logged_step_kl(tmp_path):
     # With ki = kp = 0 the integral is the plain sum of errors, so the KL it read each step is
-    # recoverable and must equal the VAE's logged train/kl of that batch.
+    # recoverable and must equal the train/kl that the VAE's step returned for that batch.
     callback = TargetKLController(kl_target=0.0, kp=0.0, ki=0.0)
     seen = []
 
     class _Spy(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append((float(trainer.callback_metrics["train/kl_step"]), -callback.integral))
+            seen.append((float(outputs["train/kl"]), -callback.integral))
 
     _fit([callback, _Spy()], 3, tmp_path)
     kls = [k for k, _ in seen]

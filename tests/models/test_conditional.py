@@ -60,7 +60,7 @@ def _batch(n=6, dx=3, dy=5):
 def _step(model, batch):
     with warnings.catch_warnings():  # self.log without a Trainer only warns
         warnings.simplefilter("ignore")
-        return model.training_step(batch, 0)
+        return model.training_step(batch, 0)["loss"]
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ def _trained(rho, beta, eta_dec, eta_enc):
         opt.zero_grad()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loss = model.training_step((x, y, label), i)
+            loss = model.training_step((x, y, label), i)["loss"]
         loss.backward()
         opt.step()
         schedule.step()

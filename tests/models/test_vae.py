@@ -155,7 +155,7 @@ def test_encoder_posterior_validation_is_kept():
     assert finite_normal(big, big[:, :1], torch.ones(2, 1)).loc.shape == (2, 1)
 
 
-# ----------------------------------------------------------- batched training-step logging
+# ------------------------------------------------------------------ training-step logging
 
 
 class _Record(__import__("lightning").pytorch.loggers.Logger):
@@ -180,14 +180,16 @@ class _Record(__import__("lightning").pytorch.loggers.Logger):
         self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
 
 
-class _StepReader(__import__("lightning").pytorch.Callback):
-    reads_step_metrics = True
+class _LossReader(__import__("lightning").pytorch.Callback):
+    """A plain callback: what ``trainer.callback_metrics`` shows after each step, and the
+    loss the step returned."""
 
     def __init__(self):
-        self.kl = []
+        self.seen, self.losses = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.kl.append(float(trainer.callback_metrics["train/kl_step"]))
+        self.seen.append(float(trainer.callback_metrics["train/loss_step"]))
+        self.losses.append(float(outputs["loss"]))
 
 
 class _StopAt(__import__("lightning").pytorch.Callback):
@@ -201,14 +203,13 @@ class _StopAt(__import__("lightning").pytorch.Callback):
             trainer.should_stop = True
 
 
-def _fit_logged(tmp_path, every_step, callbacks=(), **trainer_kw):
+def _fit_logged(tmp_path, callbacks=(), model=None, n=70, **trainer_kw):
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
     pl.seed_everything(0)
-    model = VAE(data_shape=(6,), latent_dim=2, beta=0.5)
-    model.log_every_step = every_step
-    x = torch.rand(70, 6, generator=torch.Generator().manual_seed(0))
+    model = model or VAE(data_shape=(6,), latent_dim=2, beta=0.5)
+    x = torch.rand(n, 6, generator=torch.Generator().manual_seed(0))
     train = DataLoader(TensorDataset(x), batch_size=8)  # 9 batches, the last one of 6
     val = DataLoader(TensorDataset(x[:16]), batch_size=8)
     logger = _Record()
@@ -222,63 +223,49 @@ def _fit_logged(tmp_path, every_step, callbacks=(), **trainer_kw):
     return logger.rows, {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-@pytest.mark.parametrize("trainer_kw", [{}, {"val_check_interval": 4, "max_epochs": 1},
-                                        {"max_steps": 11}, {"stop_at": 14},
-                                        {"limit_train_batches": 5}, {"log_every_n_steps": 0},
-                                        {"accumulate_grad_batches": 2}])
-def test_batched_training_logs_equal_lightning_logging_every_step(tmp_path, trainer_kw):
-    # Buffered (values handed to Lightning at logging steps, epoch ends, validation checks,
-    # a stop) and native (every step) logging write the same rows and leave the same callback
-    # metrics: step values of the logged steps, exact epoch means over every batch (the last
-    # batch of an epoch is smaller), also when a callback stops the run between logging steps.
-    trainer_kw = dict(trainer_kw)
-    stop = trainer_kw.pop("stop_at", None)
-    runs = []
-    for name, every_step in (("a", True), ("b", None)):
-        callbacks = [] if stop is None else [_StopAt(stop)]
-        runs.append(_fit_logged(tmp_path / name, every_step, callbacks, **trainer_kw))
-    (native, native_metrics), (buffered, buffered_metrics) = runs
-    assert [step for step, _ in buffered] == [step for step, _ in native]
-    for (_, got), (_, want) in zip(buffered, native, strict=True):
-        assert got.keys() == want.keys()
-        for key in want:
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
-    written = {k for _, row in native for k in row}
-    assert written >= {"train/kl_epoch", "train/gamma_star"}
-    if trainer_kw.get("log_every_n_steps") != 0:
-        assert written >= {"train/loss_step", "train/beta"}
-    assert buffered_metrics.keys() == native_metrics.keys()
-    for key, want in native_metrics.items():
-        assert buffered_metrics[key] == pytest.approx(want, rel=1e-5, abs=1e-6), key
+def test_a_plain_callback_sees_every_steps_loss(tmp_path):
+    reader = _LossReader()
+    _fit_logged(tmp_path, [reader], n=160, max_epochs=1, log_every_n_steps=5)
+    assert len(reader.seen) == 20 and len(set(reader.seen)) == 20
+    assert reader.seen == pytest.approx(reader.losses, rel=1e-6)
 
 
-def test_a_callback_reading_step_values_sees_every_step(tmp_path):
-    reader = _StepReader()
-    _fit_logged(tmp_path, every_step=None, callbacks=[reader], max_epochs=1)
-    assert len(reader.kl) == 9 and len(set(reader.kl)) == 9  # a new value every step
+def test_training_terms_are_epoch_means_over_every_batch(tmp_path):
+    """``train/kl`` etc. are batch-size-weighted means over the epoch's batches (the last
+    batch is smaller), the loss's too (``train/loss``); the logger writes the loss's step values at
+    its logging steps and the epoch means once per epoch."""
+
+    class Terms(__import__("lightning").pytorch.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.rows.append((trainer.current_epoch, len(batch[0]),
+                              {k: float(v) for k, v in outputs.items()}))
+
+    terms = Terms()
+    rows, metrics = _fit_logged(tmp_path, [terms])
+    for name in ("loss", "kl", "recon", "elbo", "gamma_star"):
+        epoch = [(n, t[f"train/{name}"]) for e, n, t in terms.rows if e == 1]
+        want = sum(n * v for n, v in epoch) / sum(n for n, _ in epoch)
+        assert metrics[f"train/{name}"] == pytest.approx(want, rel=1e-5), name
+    steps = [step for step, row in rows if "train/loss_step" in row]
+    assert steps == [3, 7, 11, 15]  # every 4th optimiser step
+    epochs = [row for _, row in rows if "train/kl" in row]
+    assert len(epochs) == 2 and all("train/loss" in row for row in epochs)
+    assert {"train/beta"} <= {k for _, row in rows for k in row}
 
 
-def test_training_logs_wait_between_logging_steps(tmp_path):
-    import lightning.pytorch as pl
+@pytest.mark.parametrize("model", ["VAE", "HierarchicalVAE"])
+def test_a_mid_epoch_stop_keeps_the_training_logs(tmp_path, model):
+    from ilvae.models import HierarchicalVAE
 
-    calls = []
-    native = pl.LightningModule.log
-
-    def counting(self, name, *args, **kwargs):
-        if self._current_fx_name == "training_step":
-            calls.append((self.trainer.global_step, name))
-        return native(self, name, *args, **kwargs)
-
-    pl.LightningModule.log = counting
-    try:
-        _fit_logged(tmp_path, every_step=None, max_epochs=1)
-    finally:
-        pl.LightningModule.log = native
-    # logger steps 3 and 7 (log_every_n_steps=4): the step's value; the last batch (step 8):
-    # the earlier values of the epoch as one entry, then the step's value
-    assert sorted({step for step, _ in calls}) == [3, 7, 8]
-    loss = [step for step, name in calls if name == "train/loss"]
-    assert loss == [3, 7, 8, 8]
+    built = (VAE(data_shape=(6,), latent_dim=2) if model == "VAE"
+             else HierarchicalVAE(data_shape=(6,), latent_dim=2, latent_dim_2=2))
+    rows, metrics = _fit_logged(tmp_path, [_StopAt(4)], model=built)
+    written = {k for _, row in rows for k in row}
+    assert {"train/loss", "train/recon", "train/elbo"} <= written
+    assert {"train/loss", "train/recon", "train/elbo"} <= metrics.keys()
 
 
 def _test_metrics(model, x, seed, batch_size=7):

@@ -140,15 +140,10 @@ class _Trainer:
     global_step, current_epoch, checkpoint_callback, ckpt_path = 0, 0, None, None
 
 
-class _Module:
-    def __init__(self) -> None:
-        self._trainer = _Trainer()
-
-
 def test_stop_guard_records_on_the_device_without_reading_back_until_the_check(monkeypatch):
     """Between checks the guard never converts a tensor to a Python value (no host sync)."""
     guard = LossGuard("stop", check_every_n_steps=4)
-    module = _Module()
+    module = _Trainer()
     losses = [torch.tensor(1.0), torch.tensor(math.nan), torch.tensor(2.0), torch.tensor(3.0)]
     terms = {"train/recon": torch.tensor(0.5), "train/beta": 1.0}
     calls = []
@@ -161,10 +156,10 @@ def test_stop_guard_records_on_the_device_without_reading_back_until_the_check(m
         for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
             patch.setattr(torch.Tensor, name, forbidden)
         for step, loss in enumerate(losses[:3]):
-            module._trainer.global_step = step
+            module.global_step = step
             assert guard(module, loss, terms, step) is loss
     assert not calls
-    module._trainer.global_step = 3
+    module.global_step = 3
     with pytest.raises(NonFiniteLossError) as info:
         guard(module, losses[3], terms, 3)  # the fourth call reads the record
     assert info.value.report["step"] == 1 and info.value.report["batch_idx"] == 1
@@ -177,14 +172,14 @@ def test_stop_guard_checking_every_step_reads_the_flag_and_records_only_the_bad_
     reports = []
     for every in (1, 4):
         guard = LossGuard("stop", check_every_n_steps=every)
-        module = _Module()
+        module = _Trainer()
         terms = {"train/recon": torch.tensor(0.5), "train/beta": 1.0}
         for step in range(3):
-            module._trainer.global_step = step
+            module.global_step = step
             guard(module, torch.tensor(float(step)), terms, step)
         if every == 1:
             assert guard._first is None and guard._calls == 0  # nothing recorded
-        module._trainer.global_step = 3
+        module.global_step = 3
         with pytest.raises(NonFiniteLossError) as info:
             guard(module, torch.tensor(math.inf), terms, 3)
             for step in range(4, 8):  # the device-side record is read at the 4th call after
