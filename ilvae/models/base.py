@@ -29,22 +29,10 @@ from ilvae.checkpointing import check_checkpoint
 from ilvae.decoders.base import Decoder
 from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import Encoder, MLPEncoder
-from ilvae.errors import ConfigurationError
+from ilvae.errors import ConfigurationError, check_number  # noqa: F401  (re-exported for the models)
 from ilvae.loss_guard import NonFiniteLossGuard, is_nonfinite_parameter_error
 from ilvae.models.contract import LatentTerm
 from ilvae.priors import Prior, StandardNormal
-
-
-def check_number(field: str, value: float, *, minimum: float = 0.0, strict: bool = False) -> float:
-    """Raise ``ConfigurationError`` unless ``value`` is finite and ≥ (or >) ``minimum``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value)
-    ok = ok and (value > minimum if strict else value >= minimum)
-    if not ok:
-        rel = ">" if strict else ">="
-        raise ConfigurationError(f"{field}={value!r} is not allowed: expected a finite number "
-                                 f"{rel} {minimum:g}")
-    return float(value)
 
 
 class TermMeans(Metric):
