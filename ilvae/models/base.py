@@ -29,7 +29,7 @@ from ilvae.checkpointing import check_checkpoint
 from ilvae.decoders.base import Decoder
 from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import Encoder, MLPEncoder
-from ilvae.errors import ConfigurationError, check_number  # noqa: F401  (re-exported for the models)
+from ilvae.errors import ConfigurationError
 from ilvae.loss_guard import NonFiniteLossGuard, is_nonfinite_parameter_error
 from ilvae.models.contract import LatentTerm
 from ilvae.priors import Prior, StandardNormal

@@ -16,8 +16,8 @@ from ilvae._config import build_component
 from ilvae.decoders.base import Decoder, DecoderCallable
 from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import Encoder, EncoderCallable, MLPEncoder, check_hidden
-from ilvae.errors import ConfigurationError
-from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.errors import ConfigurationError, check_number
+from ilvae.models.base import LatentVariableModel
 from ilvae.models.contract import LatentTerm
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import StandardNormal

@@ -16,9 +16,9 @@ from torch.distributions import Normal
 from ilvae.decoders.base import DecoderCallable
 from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import EncoderCallable, MLPEncoder, check_hidden, make_activation
-from ilvae.errors import ConfigurationError
+from ilvae.errors import ConfigurationError, check_number
 from ilvae.metrics import ActiveUnits, KLPerDimension
-from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.models.base import LatentVariableModel
 from ilvae.models.contract import LatentTerm, two_level_terms
 from ilvae.priors import StandardNormal
 

@@ -19,9 +19,9 @@ from torch.distributions import Normal
 from ilvae import theory
 from ilvae.decoders.base import Decoder
 from ilvae.encoders import Encoder
-from ilvae.errors import ConfigurationError
+from ilvae.errors import ConfigurationError, check_number
 from ilvae.metrics.iw_nll import importance_weighted_nll
-from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.models.base import LatentVariableModel
 from ilvae.models.contract import LatentTerm, two_level_terms
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import StandardNormal

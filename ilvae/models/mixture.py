@@ -103,10 +103,10 @@ from torch.distributions import Normal
 from ilvae._config import build_component
 from ilvae.decoders.base import DecoderCallable
 from ilvae.encoders import Encoder, EncoderCallable, MLPEncoder, check_hidden, mlp
-from ilvae.errors import ConfigurationError
+from ilvae.errors import ConfigurationError, check_number
 from ilvae.metrics.cluster_accuracy import ClusterAccuracy
 from ilvae.metrics.iw_nll import importance_weighted_nll
-from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.models.base import LatentVariableModel
 from ilvae.models.contract import LatentTerm
 from ilvae.priors import GaussianMixturePrior, Prior
 

@@ -27,9 +27,9 @@ from torch.distributions import Normal
 from ilvae._config import build_component
 from ilvae.decoders.lstm import CLASS_OFFSET, LSTMDecoder
 from ilvae.encoders import LSTMEncoder
-from ilvae.errors import ConfigurationError, check
+from ilvae.errors import ConfigurationError, check, check_number
 from ilvae.metrics.text_nll import TextNLL
-from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.models.base import LatentVariableModel
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import Prior, PriorCallable, StandardNormal
 from ilvae.tokens import EOS, PAD, SPECIALS, UNK

@@ -12,10 +12,10 @@ from torch import Tensor
 
 from ilvae.decoders.base import DecoderCallable
 from ilvae.encoders import EncoderCallable
-from ilvae.errors import ConfigurationError
+from ilvae.errors import ConfigurationError, check_number
 from ilvae.likelihoods import Bernoulli, binarization_generator, binarize_fixed
 from ilvae.metrics.iw_nll import importance_weighted_nll
-from ilvae.models.base import LatentVariableModel, check_number
+from ilvae.models.base import LatentVariableModel
 from ilvae.objectives import beta_vae_loss
 from ilvae.priors import PriorCallable
 
