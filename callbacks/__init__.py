@@ -8,6 +8,7 @@ from ilvae.callbacks.fid import FID
 from ilvae.callbacks.images import ImageLogger
 from ilvae.callbacks.latent_plot import LatentPlot
 from ilvae.callbacks.linear_theory import LinearTheoryMonitor
+from ilvae.callbacks.summary import RunSummary
 
 __all__ = [
     "InverseLipschitzAnnealing", "KLAnnealing", "TargetKLController",  # annealing
@@ -18,4 +19,5 @@ __all__ = [
     "ImageLogger",  # images
     "LatentPlot",  # latent_plot
     "LinearTheoryMonitor",  # linear_theory
+    "RunSummary",  # summary
 ]

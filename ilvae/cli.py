@@ -136,6 +136,7 @@ class ILVAECLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         from ilvae.callbacks.denormals import FlushDenormals
         from ilvae.callbacks.fault_tolerance import NonFiniteLossGuard
+        from ilvae.callbacks.summary import RunSummary
 
         parser.link_arguments("data.data_shape", "model.init_args.data_shape",
                               apply_on="instantiate")
@@ -147,6 +148,9 @@ class ILVAECLI(LightningCLI):
         parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite")
         # Always on; `--denormals.flush=false` keeps subnormal floats on the CPU.
         parser.add_lightning_class_args(FlushDenormals, "denormals")
+        # Always on; prints the final collapse metrics and writes summary.json in the run
+        # directory at the end of fit/validate/test (`--summary.enabled=false` turns it off).
+        parser.add_lightning_class_args(RunSummary, "summary")
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
