@@ -7,6 +7,7 @@ from ilvae.metrics.iw_nll import ImportanceWeightedNLL
 from ilvae.metrics.kl_per_dimension import KLPerDimension
 from ilvae.metrics.mutual_information import MutualInformation
 from ilvae.metrics.relative_fisher import RelativeFisherDivergence
+from ilvae.metrics.term_means import TermMeans
 from ilvae.metrics.text_nll import TextNLL
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "KLPerDimension",
     "MutualInformation",
     "RelativeFisherDivergence",
+    "TermMeans",
     "TextNLL",
 ]
