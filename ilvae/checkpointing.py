@@ -243,3 +243,21 @@ def has_checkpoint_io(plugins: Any) -> bool:
 
 __all__ = ["DIGEST_KEY", "AtomicCheckpointIO", "atomic_save", "check_checkpoint", "digest",
            "has_checkpoint_io", "load_checkpoint"]
+
+
+class WeightsOnlyLoading:
+    """Mixin for a ``LightningModule``: ``load_from_checkpoint`` with ``weights_only=True`` by
+    default, so a file holding anything but tensors and plain containers is refused, not
+    unpickled; a missing, truncated, corrupted or refused file raises ``CheckpointError``
+    naming it."""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None,
+                             hparams_file: Any = None, strict: bool | None = None,
+                             weights_only: bool | None = True, **kwargs: Any) -> Any:
+        weights_only = True if weights_only is None else weights_only
+        if isinstance(checkpoint_path, (str, bytes)) or hasattr(checkpoint_path, "__fspath__"):
+            check_checkpoint(checkpoint_path, weights_only=weights_only)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
+                                            hparams_file=hparams_file, strict=strict,
+                                            weights_only=weights_only, **kwargs)

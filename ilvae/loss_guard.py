@@ -334,6 +334,20 @@ def is_nonfinite_parameter_error(error: BaseException) -> bool:
         and "invalid values" in text
 
 
+def nonfinite_parameter_output(module: pl.LightningModule,
+                               error: BaseException) -> dict[str, Any]:
+    """What a training step returns when ``torch.distributions`` rejected NaN/inf parameters
+    (NaN weights or data) before any loss existed: a NaN loss attached to every trainable
+    parameter with zero gradients, and the rejected parameter named, so the guard handles it
+    as any non-finite loss."""
+    cause = str(error).strip().splitlines()[0].split(" of distribution ")[0]
+    cause = cause.replace("Expected parameter ", "")
+    params = [p for p in module.parameters() if p.requires_grad]
+    zero = torch.stack([p.sum() for p in params]).sum() * 0.0 if params else \
+        torch.zeros((), device=module.device)
+    return {"loss": zero + math.nan, f"non-finite distribution parameter ({cause})": math.nan}
+
+
 def last_checkpoint(trainer: Any) -> str | None:
     """The newest checkpoint file on disk for this run (else the one it resumed from)."""
     if trainer is None:

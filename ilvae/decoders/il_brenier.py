@@ -286,12 +286,12 @@ class ILBrenierDecoder(Decoder):
 
     def beta_matrix(self) -> Tensor:
         """β as a (data_dim, latent_dim) matrix."""
-        if self.beta == "padding":
-            return torch.eye(self.data_dim, self.latent_dim, dtype=self.psi2.bias.dtype,
+        dtype = self.psi2.bias.dtype
+        lift = self._lift(dtype)
+        if lift is None:
+            return torch.eye(self.data_dim, self.latent_dim, dtype=dtype,
                              device=self.psi2.bias.device)
-        if self.beta == "random":
-            return self.beta_isometry
-        return self._trainable_beta(self.beta_u.dtype)
+        return lift
 
     def _lift(self, dtype: torch.dtype) -> Tensor | None:
         """β for the forward pass (``None``: the zero-padding, which needs no matrix)."""

@@ -24,12 +24,16 @@ from torch.distributions import Normal
 
 from ilvae import decoders as _decoders
 from ilvae._config import build_component
-from ilvae.checkpointing import check_checkpoint
+from ilvae.checkpointing import WeightsOnlyLoading
 from ilvae.decoders.base import Decoder
 from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import Encoder, MLPEncoder
 from ilvae.errors import ConfigurationError
-from ilvae.loss_guard import NonFiniteLossGuard, is_nonfinite_parameter_error
+from ilvae.loss_guard import (
+    NonFiniteLossGuard,
+    is_nonfinite_parameter_error,
+    nonfinite_parameter_output,
+)
 from ilvae.metrics.term_means import TermMeans
 from ilvae.models.contract import LatentTerm
 from ilvae.priors import Prior, StandardNormal
@@ -43,13 +47,14 @@ def _trainer_of(module: L.LightningModule) -> Any:
         return None
 
 
-class LatentVariableModel(L.LightningModule):
+class LatentVariableModel(WeightsOnlyLoading, L.LightningModule):
     """Base class: holds ``encoder``, ``decoder``, ``prior`` and the optimiser settings.
 
     Blocks may be given as callables of the supplied sizes (what the CLI passes), classes,
     registered decoder names, ``{"class_path", "init_args"}`` dicts (what checkpoints store)
     or instances. They are saved in ``hparams`` as dicts, so ``load_from_checkpoint`` rebuilds
-    identical blocks without the CLI.
+    identical blocks without the CLI (and refuses anything but tensors and plain containers:
+    :class:`~ilvae.checkpointing.WeightsOnlyLoading`).
     """
 
     def __init__(self, data_shape: tuple[int, ...], latent_dim: int, encoder: Any,
@@ -155,7 +160,8 @@ class LatentVariableModel(L.LightningModule):
         if logged is None:
             logged = self._logged_hparams = {}
         for name in self.schedulable:
-            value = self.get_hparam(name)
+            owner, attribute = self._hparam_owner(name)
+            value = float(getattr(owner, attribute))
             output[f"train/{name}"] = value
             if logged.get(name) != value:
                 # Lightning keeps an on-step value until the epoch ends, so every logging
@@ -186,20 +192,6 @@ class LatentVariableModel(L.LightningModule):
         if any(isinstance(c, NonFiniteLossGuard) for c in callbacks):
             return []
         return [NonFiniteLossGuard()]
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None,
-                             hparams_file: Any = None, strict: bool | None = None,
-                             weights_only: bool | None = True, **kwargs: Any) -> Any:
-        """Lightning's ``load_from_checkpoint`` with ``weights_only=True`` by default: a file
-        holding anything but tensors and plain containers is refused, not unpickled. A
-        missing, truncated, corrupted or refused file raises ``CheckpointError`` naming it."""
-        weights_only = True if weights_only is None else weights_only
-        if isinstance(checkpoint_path, (str, bytes)) or hasattr(checkpoint_path, "__fspath__"):
-            check_checkpoint(checkpoint_path, weights_only=weights_only)
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
-                                            hparams_file=hparams_file, strict=strict,
-                                            weights_only=weights_only, **kwargs)
 
     # ------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:
@@ -244,13 +236,7 @@ class LatentVariableModel(L.LightningModule):
         except ValueError as exc:
             if not is_nonfinite_parameter_error(exc):
                 raise
-            cause = str(exc).strip().splitlines()[0].split(" of distribution ")[0]
-            cause = cause.replace("Expected parameter ", "")
-            params = [p for p in self.parameters() if p.requires_grad]
-            zero = torch.stack([p.sum() for p in params]).sum() * 0.0 if params else \
-                torch.zeros((), device=self.device)
-            loss = zero + math.nan
-            return {"loss": loss, f"non-finite distribution parameter ({cause})": math.nan}
+            return nonfinite_parameter_output(self, exc)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Any:
         return self._step(batch, "val")

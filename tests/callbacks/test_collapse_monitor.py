@@ -106,6 +106,16 @@ def test_every_family_is_measured_per_latent_level_plotted_and_imaged(tmp_path, 
             assert "images/reconstructions" in tags
 
 
+def _fit_one_epoch(model, dm, root, batches):
+    """One short epoch with a CollapseMonitor on the whole validation set; (trainer, monitor)."""
+    monitor = CollapseMonitor(num_iw_samples=4, max_examples=None)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=batches, default_root_dir=root,
+                        callbacks=[monitor], enable_progress_bar=False,
+                        enable_model_summary=False, logger=False, enable_checkpointing=False)
+    trainer.fit(model, dm)
+    return trainer, monitor
+
+
 def test_mixture_val_kl_is_the_mixture_models_own_kl(tmp_path):
     """The KL is measured against the mixture prior: the logged val/kl and the KL per
     dimension equal the model's kl_terms on the same validation data."""
@@ -120,11 +130,7 @@ def test_mixture_val_kl_is_the_mixture_models_own_kl(tmp_path):
                                 "init_args": {"hidden": [16]}},
                        decoder={"class_path": "mlp",
                                 "init_args": {"hidden": [16], "likelihood": "gaussian"}})
-    monitor = CollapseMonitor(num_iw_samples=4, max_examples=None)
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, default_root_dir=tmp_path,
-                        callbacks=[monitor], enable_progress_bar=False,
-                        enable_model_summary=False, logger=False, enable_checkpointing=False)
-    trainer.fit(model, dm)
+    trainer, monitor = _fit_one_epoch(model, dm, tmp_path, batches=3)
     x = dm.tensors("val")[0]
     expected = model.kl_terms(x)
     assert float(trainer.callback_metrics["val/kl"]) == pytest.approx(float(expected["kl"]),
@@ -157,11 +163,7 @@ def test_hierarchical_levels_are_measured_against_their_own_priors(tmp_path):
                                      "init_args": {"hidden": [8]}},
                             decoder={"class_path": "mlp",
                                      "init_args": {"hidden": [8], "likelihood": "gaussian"}})
-    monitor = CollapseMonitor(num_iw_samples=4, max_examples=None)
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, default_root_dir=tmp_path,
-                        callbacks=[monitor], enable_progress_bar=False,
-                        enable_model_summary=False, logger=False, enable_checkpointing=False)
-    trainer.fit(model, dm)
+    trainer, monitor = _fit_one_epoch(model, dm, tmp_path, batches=2)
 
     x = dm.tensors("val")[0]
     with torch.no_grad():
