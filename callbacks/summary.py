@@ -35,8 +35,10 @@ _NAME = re.compile(r"^(?P<stage>train|val|test)/(?P<stem>[A-Za-z_]+?)(?P<level>_
 _STAGE_ORDER = {"val": 0, "test": 1, "train": 2}
 
 
-def _sort_key(name: str) -> tuple[Any, ...] | None:
+def _sort_key(name: str, stems: tuple[str, ...]) -> tuple[Any, ...] | None:
     """Where ``name`` goes in the summary, or None when it is not a metric reported."""
+    if name.startswith("train/") and name[6:] in stems[len(STEMS):]:
+        return stems.index(name[6:]), _STAGE_ORDER["train"], 0, name
     match = _NAME.match(name)
     if match is None or match["stem"] not in STEMS:
         return None
@@ -44,10 +46,14 @@ def _sort_key(name: str) -> tuple[Any, ...] | None:
     return STEMS.index(match["stem"]), _STAGE_ORDER[match["stage"]], level, name
 
 
-def collapse_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """The collapse metrics among ``metrics`` (logged name → value), in table order, as plain
-    floats (None for NaN or infinity)."""
-    keyed = sorted((key, name) for name in metrics if (key := _sort_key(name)) is not None)
+def collapse_metrics(metrics: dict[str, Any],
+                     hyperparameters: tuple[str, ...] = ()) -> dict[str, float | None]:
+    """The collapse metrics among ``metrics`` (logged name → value), then ``train/<name>`` of
+    the model's schedulable ``hyperparameters`` (e.g. ``beta_2``, ``L1``), in table order, as
+    plain floats (None for NaN or infinity)."""
+    stems = STEMS + tuple(h for h in hyperparameters if h not in STEMS)
+    keyed = sorted((key, name) for name in metrics
+                   if (key := _sort_key(name, stems)) is not None)
     out: dict[str, float | None] = {}
     for _, name in keyed:
         value = metrics[name]
@@ -118,7 +124,8 @@ class RunSummary(Callback):
         return {"stage": stage, "epoch": int(trainer.current_epoch),
                 "global_step": int(trainer.global_step),
                 "ckpt_path": str(ckpt) if ckpt else None,
-                **collapse_metrics(dict(trainer.callback_metrics))}
+                **collapse_metrics(dict(trainer.callback_metrics),
+                                   tuple(getattr(trainer.lightning_module, "schedulable", ())))}
 
     def _summarise(self, trainer: pl.Trainer, stage: str) -> None:
         if not self.enabled:

@@ -122,6 +122,16 @@ def test_collapse_metrics_selects_orders_and_converts():
     assert len(table.splitlines()) == 1 + len(out)
 
 
+def test_the_models_schedulable_hyperparameters_are_reported():
+    # beta_2 is not a collapse-metric stem: it is listed because the model declares it.
+    metrics = {"val/kl": torch.tensor(1.5), "train/beta_2": torch.tensor(0.25),
+               "train/beta_1": torch.tensor(1.0), "train/other": torch.tensor(7.0)}
+    assert collapse_metrics(metrics) == {"val/kl": 1.5}
+    out = collapse_metrics(metrics, ("beta_1", "beta_2"))
+    assert out == {"val/kl": 1.5, "train/beta_1": 1.0, "train/beta_2": 0.25}
+    assert list(out) == ["val/kl", "train/beta_1", "train/beta_2"]
+
+
 def test_a_file_name_with_a_folder_is_refused():
     with pytest.raises(ValueError, match="plain file name"):
         RunSummary(filename="../summary.json")
