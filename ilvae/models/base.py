@@ -2,9 +2,10 @@
 and the logging of each stage's loss and terms (:meth:`LatentVariableModel.log_terms`).
 
 Logging goes through Lightning's public API only. A training step logs its loss every step
-(``train/loss_step``, what callbacks and the progress bar read) and adds the loss and the other
-terms to :class:`TermMeans`, a torchmetrics aggregation logged once per epoch under the terms'
-names (``train/loss``, ``train/kl``, …): one ``self.log`` call per step instead of one per term.
+(``train/loss_step``, what callbacks and the progress bar read) and records the loss and the
+other terms in :class:`TermMeans`, a torchmetrics aggregation logged once per epoch under the
+terms' names (``train/loss``, ``train/kl``, …): one ``self.log`` call per step instead of one
+per term, and one metric update per epoch.
 A batch with a non-finite loss stays out of these epoch means, so a batch the loss guard skips
 leaves no NaN in them. The step returns ``{"loss": loss, "train/<term>": value, …}``, so a
 callback needing a term at every step reads it from ``outputs`` in ``on_train_batch_end``.
@@ -148,11 +149,10 @@ class LatentVariableModel(WeightsOnlyLoading, L.LightningModule):
         trainer = _trainer_of(self)
         bar = trainer is None or trainer.progress_bar_callback is not None
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=bar)
-        finite = torch.isfinite(loss.detach())
         means = getattr(self, "train_means", None)
         if means is None:
             means = self.train_means = TermMeans().to(loss.device)
-        means.update({"loss": loss, **terms}, finite * batch_size, finite)
+        means.record({"loss": loss, **terms}, batch_size)
         output = {"loss": loss, "train/loss": loss.detach()}
         output.update((f"train/{k}", v.detach() if isinstance(v, Tensor) else v)
                       for k, v in terms.items())
@@ -178,6 +178,8 @@ class LatentVariableModel(WeightsOnlyLoading, L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         means = getattr(self, "train_means", None)
+        if means is not None:
+            means.flush()
         if means is not None and means.update_count:
             # compute() already sums over processes: no sync_dist here.
             self.log_dict({f"train/{k}": v for k, v in means.compute().items()},
