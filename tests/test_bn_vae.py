@@ -76,7 +76,13 @@ def test_trained_encoder_from_the_config_keeps_the_kl_above_the_bound(tmp_path):
     assert encoder.mean_batch_norm.gamma == GAMMA
     assert encoder.mean_batch_norm.shift.abs().max() > 0  # the shift trained
     x = cli.datamodule.tensors("train")[0][:128]
-    _check_batch_identity(encoder.train(), x)
+    # The checkpoint rebuilds the option and restores the shift and the running statistics.
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    loaded = VAE.load_from_checkpoint(ckpt, map_location="cpu").encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).loc, encoder.eval()(x).loc)
+    assert loaded.mean_batch_norm.norm.num_batches_tracked == 5
+    _check_batch_identity(encoder.train(), x)  # (a training-mode call moves the running stats)
 
 
 def test_gamma_is_fixed_and_the_shift_is_learned():
