@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from ilvae._config import Configurable
+from ilvae.bn_vae import MeanBatchNorm
+from ilvae.delta_vae import CommittedRateScale
 from ilvae.tokens import PAD, lengths
 
 _ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
@@ -65,17 +67,43 @@ class Encoder(Configurable, nn.Module):
 
 
 class MLPEncoder(Encoder):
-    """x (flattened) → MLP(hidden) → (μ, s)."""
+    """x (flattened) → MLP(hidden) → (μ, s).
+
+    Two collapse remedies are options of the posterior head, so they work in every model family
+    that takes an encoder:
+
+    - ``mean_batch_norm_gamma=γ``: BN-VAE (Zhu et al., ACL 2020), μ ↦ γ·BN(μ) + β with γ fixed,
+      so the batch-mean KL is at least ½ Σ_i γ² v_i/(v_i + ε) ≈ m γ²/2 in training
+      (:mod:`ilvae.bn_vae`).
+    - ``committed_rate=δ``: δ-VAE (Razavi et al., ICLR 2019), s = σ_min + (σ_max − σ_min)·
+      sigmoid(·) with σ_max < 1 chosen so that KL(q(z|x) ‖ N(0, I)) > δ nats for every x
+      (:mod:`ilvae.delta_vae`); σ_min = ``min_scale``.
+    """
 
     def __init__(self, data_shape: tuple[int, ...], latent_dim: int, hidden: list[int] = [512],
-                 activation: str = "relu", min_scale: float = 1e-4) -> None:
+                 activation: str = "relu", min_scale: float = 1e-4,
+                 mean_batch_norm_gamma: float | None = None,
+                 committed_rate: float | None = None) -> None:
         super().__init__(data_shape, latent_dim)
         self.hidden = check_hidden(hidden)
         self.min_scale = min_scale
         self.net = mlp([self.data_dim, *self.hidden, 2 * latent_dim], activation)
+        self.mean_batch_norm = (None if mean_batch_norm_gamma is None else
+                                MeanBatchNorm(latent_dim, mean_batch_norm_gamma))
+        self.committed_scale = (None if committed_rate is None else
+                                CommittedRateScale(latent_dim, committed_rate, min_scale))
 
     def forward(self, x: Tensor) -> Normal:
-        return self._normal(self.net(x.flatten(1)), self.min_scale)
+        h = self.net(x.flatten(1))
+        if self.mean_batch_norm is None and self.committed_scale is None:
+            return self._normal(h, self.min_scale)
+        loc, raw = h.chunk(2, dim=-1)
+        if self.mean_batch_norm is not None:
+            loc = self.mean_batch_norm(loc)
+        if self.committed_scale is not None:
+            return finite_normal(h, loc, self.committed_scale(raw))  # scale ≥ min_scale > 0
+        scale = F.softplus(raw) + self.min_scale
+        return finite_normal(h, loc, scale) if self.min_scale > 0 else Normal(loc, scale)
 
 
 class LSTMEncoder(nn.Module):

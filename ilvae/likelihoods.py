@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ilvae.errors import check
+
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -257,15 +259,32 @@ class GaussianAdaptive(Likelihood):
     ``momentum``: weight of the newest batch in the exponential running average; ``None`` keeps
     the plain cumulative average over all training batches. ``min_variance`` floors σ̂² so that a
     perfectly reconstructed batch does not produce log 0.
+
+    The isotropic training-mode σ̂² = SSE/(B·D) is also the optimal shared decoder variance of
+    σ-VAE (Rybkin et al., "Simple and Effective VAE Training with Calibrated Decoders", ICML
+    2021): σ*² = MSE over the batch and the data dimensions, with the gradient taken through
+    σ*², so in training this likelihood is σ-VAE's (``tests/decoders/test_ar_elbo.py`` checks
+    the value and the gradient against σ-VAE's loss written out). Two differences remain: σ-VAE's
+    code soft-clips log σ* from below at −6 (``−6 + softplus(log σ* + 6)``, which also raises
+    σ* slightly above the optimum, by about 2.5 % at MSE = 0.01) where we clamp σ̂² at
+    ``min_variance``; and at evaluation σ-VAE's code recomputes σ*² on each evaluated batch,
+    which ``eval_variance="batch"`` reproduces, while the default ``"running"`` keeps the
+    running average. With ``"batch"`` an example's likelihood depends on the other rows of its
+    call (its batch, or the samples × batch of one importance-sampling chunk), so its
+    log-likelihoods are not those of one fixed model.
     """
 
     name = "gaussian_adaptive"
 
     def __init__(self, data_dim: int, per_dimension: bool = False,
-                 momentum: float | None = 0.05, min_variance: float = 1e-6) -> None:
+                 momentum: float | None = 0.05, min_variance: float = 1e-6,
+                 eval_variance: str = "running") -> None:
         super().__init__(data_dim)
         if momentum is not None and not 0 < momentum <= 1:
             raise ValueError(f"momentum must lie in (0, 1] or be None, got {momentum}")
+        if eval_variance not in ("running", "batch"):
+            check("eval_variance", eval_variance, "'running' or 'batch'")
+        self.eval_variance = eval_variance
         self.per_dimension = per_dimension
         self.momentum = momentum
         self.min_variance = min_variance
@@ -310,6 +329,8 @@ class GaussianAdaptive(Likelihood):
         if self.training and torch.is_grad_enabled():
             var = self.batch_variance(x, param)
             self._update_running(var.detach())
+        elif self.eval_variance == "batch":
+            var = self.batch_variance(x, param)
         else:
             var = self.running_variance
         var = var.expand_as(param)

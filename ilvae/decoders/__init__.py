@@ -20,6 +20,7 @@ _CLASSES = {
     "LipschitzDecoder": "ilvae.decoders.lipschitz",
     "ILBrenierDecoder": "ilvae.decoders.il_brenier",
     "ARELBODecoder": "ilvae.decoders.ar_elbo",
+    "SkipMLPDecoder": "ilvae.decoders.skip_mlp",
 }
 
 __all__ = ["Decoder", "DecoderCallable", "available", "build", "resolve", *_CLASSES]

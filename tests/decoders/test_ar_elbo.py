@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +14,7 @@ from torch import distributions as D
 
 import ilvae.decoders
 from ilvae.decoders.ar_elbo import ARELBODecoder
+from ilvae.errors import ConfigurationError
 from ilvae.likelihoods import GaussianAdaptive
 
 B, LATENT, DIM = 7, 4, 16
@@ -282,3 +284,57 @@ def test_two_processes_give_the_single_process_gradient_and_running_variance(tmp
         torch.testing.assert_close(got["running"], want["running"], rtol=1e-12, atol=0)
         assert got["num_batches"] == want["num_batches"] == 6
         assert not torch.allclose(own["running"], want["running"], rtol=1e-6)
+
+
+# -- σ-VAE (Rybkin et al., ICML 2021) ----------------------------------------------------------
+def _sigma_vae_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """σ-VAE's batch loss with the optimal shared σ*² = MSE over batch and data dimensions,
+    written out from the paper (gradient through σ*): mean over the batch of
+    Σ_d [(x − x̂)²/(2σ*²) + ln σ* + ½ ln 2π]."""
+    mse = ((x - x_hat) ** 2).mean()
+    nll = (x - x_hat) ** 2 / (2 * mse) + 0.5 * torch.log(mse) + 0.5 * np.log(2 * np.pi)
+    return nll.sum(-1).mean()
+
+
+def test_isotropic_training_variance_is_sigma_vaes_optimal_variance() -> None:
+    torch.manual_seed(4)
+    decoder = ARELBODecoder(LATENT, DIM, hidden=[8]).double().train()
+    z, x = torch.randn(B, LATENT, dtype=torch.float64), torch.rand(B, DIM, dtype=torch.float64)
+    theta = decoder(z)
+    sigma_star_sq = float(np.mean((x.numpy() - theta.detach().numpy()) ** 2))  # σ-VAE's σ*²
+    loss = -decoder.log_prob(x, z).mean()
+    assert float(decoder.likelihood.running_variance) == pytest.approx(sigma_star_sq, rel=1e-12)
+    # Same value and same gradient as σ-VAE's loss.
+    grads = torch.autograd.grad(loss, list(decoder.parameters()))
+    ref = _sigma_vae_loss(x, decoder(z))
+    ref_grads = torch.autograd.grad(ref, list(decoder.parameters()))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_eval_variance_batch_recomputes_sigma_star_on_the_evaluated_batch() -> None:
+    torch.manual_seed(5)
+    decoder = ARELBODecoder(LATENT, DIM, hidden=[8], eval_variance="batch").double()
+    running = ARELBODecoder(LATENT, DIM, hidden=[8]).double()
+    running.load_state_dict(decoder.state_dict())
+    z, x = torch.randn(B, LATENT, dtype=torch.float64), torch.rand(B, DIM, dtype=torch.float64)
+    for dec in (decoder, running):
+        dec.train().log_prob(x, z)  # one training batch sets the running variance
+        dec.eval()
+    z2, x2 = torch.randn(B, LATENT, dtype=torch.float64), torch.rand(B, DIM, dtype=torch.float64)
+    with torch.inference_mode():
+        theta = decoder(z2)
+        sigma_star = ((x2 - theta) ** 2).mean().sqrt()
+        torch.testing.assert_close(decoder.log_prob(x2, z2),
+                                   D.Normal(theta, sigma_star).log_prob(x2).sum(-1))
+        stored = running.likelihood.running_variance.sqrt()
+        torch.testing.assert_close(running.log_prob(x2, z2),
+                                   D.Normal(theta, stored).log_prob(x2).sum(-1))
+    assert abs(float(sigma_star) - float(stored)) > 1e-3  # the two readings differ here
+    assert decoder.likelihood.num_batches == 1  # evaluation leaves the running average alone
+
+
+def test_bad_eval_variance_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigurationError, match=r"^eval_variance='last' is not allowed"):
+        ARELBODecoder(LATENT, DIM, eval_variance="last")
