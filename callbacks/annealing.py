@@ -160,10 +160,11 @@ def schedule(step: int, *, start: float, end: float, length: int, shape: Shape =
     and stays at b for the rest. After the last cycle the value stays at b. ``cycles=0``
     (default) is the monotone schedule; ``cycles=1, ratio=1`` is the same.
 
-    >>> schedule(5, start=0.0, end=1.0, length=10)
-    0.5
-    >>> [schedule(s, start=0.0, end=1.0, length=8, cycles=2, ratio=0.5) for s in range(9)]
-    [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0, 1.0]
+    Examples:
+        >>> schedule(5, start=0.0, end=1.0, length=10)
+        0.5
+        >>> [schedule(s, start=0.0, end=1.0, length=8, cycles=2, ratio=0.5) for s in range(9)]
+        [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0, 1.0]
     """
     p = _check_schedule(shape, start, end, length, delay, cycles, ratio, drops, sharpness)
     u = _progress(int(step), p["length"], p["delay"], p["cycles"], p["ratio"])

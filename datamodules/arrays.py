@@ -103,14 +103,14 @@ class ArrayDataModule(VAEDataModule):
 
     ``.npy`` files are memory-mapped and ``.pt`` files (a single tensor from ``torch.save``) are
     read with ``torch.load(weights_only=True)``, so only the header is read in ``__init__`` and
-    no arbitrary object is ever unpickled.
+    no arbitrary object is ever unpickled. The test split is the validation split (there is no
+    official test split).
 
     Args:
         path: the data file (``.npy``, ``.pt`` or ``.pth``).
         labels_path: optional file of integer labels, shape ``(N,)`` or ``(N, 1)``; ``-1`` marks
             an unlabelled row. ``num_classes`` is ``max label + 1``. Without it labels are all -1.
         batch_size, val_fraction, seed, num_workers, drop_last: see :class:`VAEDataModule`.
-        The test split is the validation split (there is no official test split).
     """
 
     def __init__(
