@@ -72,6 +72,7 @@ __all__ = [
     "FeatureClassifier",
     "FeatureClassifierModule",
     "FeatureNetwork",
+    "check_feature_extractor",
     "classifier_accuracy",
     "compute_fid",
     "fid_metric",
@@ -176,9 +177,10 @@ def to_uint8(images: Tensor) -> Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _check_extractor(feature_extractor: str, weights_path: str | os.PathLike | None,
+def check_feature_extractor(feature_extractor: str, weights_path: str | os.PathLike | None,
                      owner: str = "") -> str | None:
-    """The checked ``weights_path`` (as a string) for a registered ``feature_extractor``."""
+    """The checked ``weights_path`` (as a string) for a registered ``feature_extractor``;
+    ``owner`` prefixes the field names of the error messages."""
     if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
         raise ConfigurationError(f"{owner}feature_extractor={feature_extractor!r} is not "
                                  "registered with torch-fidelity; registered: "
@@ -203,7 +205,7 @@ class FeatureNetwork(nn.Module):
     def __init__(self, feature_extractor: str = CLASSIFIER_EXTRACTOR,
                  weights_path: str | os.PathLike | None = None) -> None:
         super().__init__()
-        weights_path = _check_extractor(feature_extractor, weights_path)
+        weights_path = check_feature_extractor(feature_extractor, weights_path)
         cls = FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
         self.layer = cls.get_default_feature_layer_for_metric("fid")
         self.rgb = feature_extractor.startswith(_RGB_PREFIXES)

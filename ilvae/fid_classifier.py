@@ -18,9 +18,12 @@ computed on it needs no download and is comparable between runs that share a cla
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -214,6 +217,22 @@ def _devices(device: str | torch.device) -> dict[str, Any]:
             "devices": [device.index or 0]}
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """A Trainer inside a function (or inside another run's callback): without Lightning's
+    banners (devices, tips) and its note that a classifier without validation data skips
+    validation."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*`validation_step` but have no")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def train_feature_classifier(x: Tensor, y: Tensor, *, num_classes: int | None = None,
                              x_val: Tensor | None = None, y_val: Tensor | None = None,
                              feature_dim: int = 64, width: int = 32, epochs: int = 15,
@@ -246,12 +265,14 @@ def train_feature_classifier(x: Tensor, y: Tensor, *, num_classes: int | None = 
     with torch.random.fork_rng(devices=forked):
         torch.manual_seed(seed)
         module = FeatureClassifierModule(x.shape[1:], num_classes, feature_dim, width, lr)
-        trainer = Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False,
-                          num_sanity_val_steps=0, **where)
-        val = _loader(*splits["val"], 1024, None) if "val" in splits else []
-        trainer.fit(module, train_dataloaders=_loader(x, y, batch_size, seed),
-                    val_dataloaders=val)
+        val = _loader(*splits["val"], 1024, None) if "val" in splits else None
+        with _quiet():
+            trainer = Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False,
+                              enable_progress_bar=False, enable_model_summary=False,
+                              num_sanity_val_steps=0, limit_val_batches=None if val else 0,
+                              **where)
+            trainer.fit(module, train_dataloaders=_loader(x, y, batch_size, seed),
+                        val_dataloaders=val)
     classifier = module.classifier.cpu().eval()
     classifier.metadata = {**(metadata or {}), **_accuracies(classifier, splits)}
     if path is not None:
