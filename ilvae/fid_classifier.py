@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-from ilvae.errors import ConfigurationError, check
+from ilvae.errors import ConfigurationError, check, check_number
 
 __all__ = [
     "FeatureClassifier",
@@ -149,9 +149,7 @@ class FeatureClassifierModule(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.classifier = FeatureClassifier(input_shape, num_classes, feature_dim, width)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            check("lr", lr, "a number > 0")
-        self.lr = float(lr)
+        self.lr = check_number("lr", lr, strict=True)
         self.val_accuracy = MulticlassAccuracy(self.classifier.num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
