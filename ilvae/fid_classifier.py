@@ -358,7 +358,9 @@ def build(args: list[str]) -> Any:
         seed_everything_default=0, save_config_callback=None,
         trainer_defaults={"max_epochs": 15, "logger": False, "enable_checkpointing": False,
                           "enable_model_summary": False},
-        parser_kwargs={"exit_on_error": False},
+        parser_kwargs={"exit_on_error": False, "prog": "ilvae fid-classifier",
+                       "description": "Train the FID feature classifier on a labelled "
+                                      "datamodule and save it to --out."},
     )
 
 

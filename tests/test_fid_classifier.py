@@ -119,6 +119,11 @@ def test_command_trains_and_writes_a_loadable_classifier(tmp_path, capsys):
     x_val, y_val = Digits(val_fraction=0.2).tensors("val")
     assert classifier.metadata["val_accuracy"] == pytest.approx(
         fid.classifier_accuracy(classifier, x_val, y_val), abs=1e-12)
+    # Same arguments (seed_everything defaults to 0): the same weights.
+    again = tmp_path / "again.pt"
+    assert _command(again) == 0
+    for name, tensor in fid.load_feature_classifier(again).state_dict().items():
+        assert torch.equal(tensor, classifier.state_dict()[name]), name
 
 
 def test_command_refuses_an_existing_file_and_unknown_data(tmp_path, capsys):
