@@ -6,7 +6,8 @@ Groups (``--only``): framework (``ilvae fit`` vs a hand-written loop and pythae)
 Brenier explicit vs autograd gradient, IL vs MLP decoder), metrics (IW-NLL and CollapseMonitor vs
 K forward passes), scaling (step time and memory vs batch, latent and data size), precision
 (bf16-mixed and torch.compile), denormals (a trained VAE's step with subnormal floats kept and
-flushed). ``--quick`` runs every group at reduced sizes in a few minutes.
+flushed), fid (torchmetrics' FID vs torch-fidelity's on the classifier features: values
+and time). ``--quick`` runs every group at reduced sizes in a few minutes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import brenier, denormals, framework, metrics, precision, scaling
+from benchmarks import brenier, denormals, fid, framework, metrics, precision, scaling
 from benchmarks._common import Settings, load_average, machine
 from benchmarks.report import markdown, summary_table
 
@@ -31,6 +32,7 @@ GROUPS = {
     "scaling": scaling.run,
     "precision": precision.run,
     "denormals": denormals.run,
+    "fid": fid.run,
 }
 
 

@@ -36,6 +36,8 @@ TITLES = {
     "guard_flag_vs_device_record": "`ilvae fit`: loss guard reads its flag vs device-side record",
     "flush_denormal": "trained VAE step: subnormals flushed / kept (time)",
     "subnormal_slowdown": "trained VAE step with subnormals / fresh model (time)",
+    "fid_torchmetrics_vs_torch_fidelity": "FID: torchmetrics / torch-fidelity (time)",
+    "fid_real_statistics_kept_vs_torch_fidelity": "FID, real statistics kept / torch-fidelity",
 }
 
 

@@ -2,8 +2,8 @@
 
     FID = ‖μ_r − μ_g‖² + tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^{1/2})        (Heusel et al. 2017)
 
-computed by torch-fidelity (see :mod:`ilvae.fid` for the feature networks and image
-conversion) and logged as ``val/fid``.
+computed by torchmetrics' ``FrechetInceptionDistance`` over a torch-fidelity feature network
+(see :mod:`ilvae.fid` for the networks and image conversion) and logged as ``val/fid``.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ilvae.errors import ConfigurationError
 from ilvae.fid import (
     CLASSIFIER_EXTRACTOR,
     INCEPTION_EXTRACTOR,
-    compute_fid,
+    check_feature_extractor,
+    fid_metric,
     load_feature_classifier,
     to_uint8,
     train_feature_classifier,
@@ -42,10 +43,15 @@ class FID(Callback):
     ``stage`` split (``datamodule.tensors(stage)``; a fixed random subset of ``num_samples``
     when the split is larger). Images must have shape (C, H, W) with values in [0, 1].
 
-    Distributed runs: global rank 0 samples and scores; the value is broadcast to every rank,
-    and each logs the same number (so ``val/fid`` can be monitored, e.g. by checkpointing).
-    With ``train_classifier``, rank 0 trains the classifier and the others wait at a barrier,
-    so ``weights_path`` must be on a file system every rank sees.
+    The statistics are torchmetrics' ``FrechetInceptionDistance`` (:func:`ilvae.fid.fid_metric`):
+    the real images' are computed at the first score of a ``fit``/``validate`` run and kept,
+    so later scores extract features of the samples only.
+
+    Distributed runs: every process draws the same seeded samples, and process r of W extracts
+    features of samples and real images r, r + W, r + 2W, …; torchmetrics sums the statistics
+    over the processes, so every rank logs the same number, the single-process FID (up to
+    float64 rounding). With ``train_classifier``, rank 0 trains the classifier and the others
+    wait at a barrier, so ``weights_path`` must be on a file system every rank sees.
 
     Args:
         every_n_epochs: score after validation of epochs N, 2N, … (1-based).
@@ -54,7 +60,7 @@ class FID(Callback):
             FID; torch-fidelity downloads its weights unless ``weights_path`` is given) or
             ``"ilvae-classifier"`` (offline; needs ``weights_path``), or another registered one.
         weights_path: local weights: the Inception file or the classifier file made by
-            ``python -m ilvae.fid train --data NAME --out PATH``.
+            ``ilvae fid-classifier --data NAME --out PATH``.
         stage: split of the real data: ``train``, ``val`` or ``test``.
         train_classifier: with ``"ilvae-classifier"`` and no file at ``weights_path``, train
             the classifier on the datamodule's training split at setup and save it there.
@@ -82,30 +88,27 @@ class FID(Callback):
         if stage not in _STAGES:
             raise ConfigurationError(f"FID stage={stage!r} is not allowed: expected one of "
                                      f"{list(_STAGES)}")
-        if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
-            raise ConfigurationError(f"FID feature_extractor={feature_extractor!r} is not "
-                                     "registered with torch-fidelity; registered: "
-                                     f"{sorted(FEATURE_EXTRACTORS_REGISTRY)}")
         if feature_extractor == CLASSIFIER_EXTRACTOR and weights_path is None:
             raise ConfigurationError(f"FID feature_extractor={CLASSIFIER_EXTRACTOR!r} needs "
-                                     "weights_path: a classifier file made by `python -m "
-                                     "ilvae.fid train --data NAME --out PATH` (or set "
+                                     "weights_path: a classifier file made by `ilvae "
+                                     "fid-classifier --data NAME --out PATH` (or set "
                                      "train_classifier=True to make it at setup)")
+        self.weights_path = check_feature_extractor(feature_extractor, weights_path, "FID ")
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self.feature_extractor = feature_extractor
-        self.weights_path = None if weights_path is None else os.fspath(weights_path)
         self.stage = stage
         self.train_classifier = bool(train_classifier)
         self.batch_size = batch_size
         self.seed = seed
         self._real: Tensor | None = None
+        self._metric: FrechetInceptionDistance | None = None
 
     # ------------------------------------------------------------------ set-up checks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage not in ("fit", "validate"):
             return
-        self._real = None
+        self._real = self._metric = None
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "tensors"):
             raise ConfigurationError("FID needs a datamodule with tensors(stage) (every ilvae "
@@ -143,22 +146,39 @@ class FID(Callback):
             return
         if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        value = 0.0
-        if trainer.is_global_zero:
-            value = self.score(pl_module, self._real_images(trainer.datamodule))
-        value = float(trainer.strategy.broadcast(value, src=0))
+        value = self.score(pl_module, self._real_images(trainer.datamodule),
+                           rank=trainer.global_rank, world_size=trainer.world_size)
         pl_module.log(self.metric_name, value, on_step=False, on_epoch=True, batch_size=1)
 
-    def score(self, pl_module: pl.LightningModule, real: Tensor) -> float:
-        """FID between ``num_samples`` prior samples of ``pl_module`` and images ``real``."""
+    def score(self, pl_module: pl.LightningModule, real: Tensor, rank: int = 0,
+              world_size: int = 1) -> float:
+        """FID between ``num_samples`` prior samples of ``pl_module`` and images ``real``.
+
+        Process ``rank`` of ``world_size`` extracts features of its share of both sets; every
+        process must call it (the statistics are summed across processes). ``real`` is read
+        at the first call only: later calls reuse its statistics.
+        """
         samples = self.sample(pl_module)
         if not bool(torch.isfinite(samples).all()):
+            # Every rank draws the same samples, so all of them return here together.
             rank_zero_warn("FID: the model's samples contain NaN or infinite values; "
                            "logging val/fid = nan")
             return math.nan
-        return compute_fid(real, samples, feature_extractor=self.feature_extractor,
-                           weights_path=self.weights_path, batch_size=self.batch_size,
-                           device=pl_module.device)
+        device = pl_module.device
+        with torch.inference_mode():
+            if self._metric is None:
+                self._metric = fid_metric(self.feature_extractor, self.weights_path,
+                                          real.shape[1:], reset_real_features=False).to(device)
+                self._update(real[rank::world_size], real=True, device=device)
+            self._update(samples[rank::world_size], real=False, device=device)
+            value = float(self._metric.compute())
+            self._metric.reset()  # keeps the real statistics
+        return value
+
+    def _update(self, images: Tensor, real: bool, device: torch.device) -> None:
+        for chunk in images.split(self.batch_size):
+            if len(chunk):
+                self._metric.update(to_uint8(chunk).to(device), real=real)
 
     def sample(self, pl_module: pl.LightningModule) -> Tensor:
         """``num_samples`` draws E[x|z], z ~ p(z), in eval mode, seeded by ``seed``, on CPU."""

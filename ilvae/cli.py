@@ -415,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         from ilvae import reproduce
 
         return reproduce.main(argv[1:])
+    if argv[:1] == ["fid-classifier"]:
+        from ilvae import fid_classifier
+
+        return fid_classifier.main(argv[1:])
     _STATE["running"] = False
     try:
         run(argv)

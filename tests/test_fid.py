@@ -1,6 +1,7 @@
-"""FID through torch-fidelity: ~0 for identical sets, the closed-form Fréchet distance for
-Gaussian features, the offline classifier (training, saving, plug-in extractor, command) and the
-Inception weights path, all offline."""
+"""FID: ~0 for identical sets, the closed-form Fréchet distance for Gaussian features,
+compute_fid (torchmetrics) equal to torch-fidelity and to numpy/scipy on the classifier's
+features, the offline classifier (training, saving, plug-in extractor) and the Inception weights
+path, all offline."""
 
 import urllib.error
 
@@ -215,6 +216,36 @@ def test_plugin_classifier_fid_matches_features_closed_form(digits, classifier_p
     assert 0 < same_data < vs_noise / 5
 
 
+def test_compute_fid_equals_torch_fidelity_and_scipy_sqrtm_on_classifier_features(
+        digits, classifier_path):
+    real, other = digits["train"][0][:400], digits["test"][0]
+    value = fid.compute_fid(real, other, weights_path=classifier_path, device="cpu",
+                            batch_size=96)
+    # torch-fidelity on the same images and the same (registered) feature network.
+    by_fidelity = torch_fidelity.calculate_metrics(
+        input1=_Rows(fid.to_uint8(real)), input2=_Rows(fid.to_uint8(other)), fid=True,
+        feature_extractor=fid.CLASSIFIER_EXTRACTOR,
+        feature_extractor_weights_path=str(classifier_path), cuda=False, cache=False,
+        save_cpu_ram=True, verbose=False, batch_size=128)[torch_fidelity.KEY_METRIC_FID]
+    # Closed form with numpy statistics and scipy's sqrtm of Σ1Σ2.
+    classifier = fid.load_feature_classifier(classifier_path)
+    with torch.no_grad():
+        f1, f2 = (classifier.features(fid.to_uint8(x).float() / 255).double().numpy()
+                  for x in (real, other))
+    # Features that are 0 on every image (dead ReLUs) add 0 to every term; dropping them keeps
+    # Σ1Σ2 non-singular for sqrtm.
+    alive = (f1 != 0).any(0) | (f2 != 0).any(0)
+    assert 0 < alive.sum() < 32
+    f1, f2 = f1[:, alive], f2[:, alive]
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    closed = float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    assert closed > 0.1
+    assert value == pytest.approx(closed, rel=1e-6)
+    assert by_fidelity == pytest.approx(closed, rel=1e-6)
+    assert value == pytest.approx(by_fidelity, rel=1e-6)
+
+
 def test_plugin_extractor_converts_channels_and_size(digits, classifier_path):
     extractor = fid.ClassifierFeatureExtractor(fid.CLASSIFIER_EXTRACTOR, ["features", "logits"],
                                                feature_extractor_weights_path=classifier_path)
@@ -276,18 +307,3 @@ def test_inception_reads_the_given_weights_path_and_never_downloads(monkeypatch,
     with pytest.raises(ConfigurationError, match="not a file"):
         fid.compute_fid(x, x, feature_extractor=fid.INCEPTION_EXTRACTOR,
                         weights_path=tmp_path / "missing.pth")
-
-
-# ------------------------------------------------------------------------------- command
-def test_command_trains_and_saves_classifier(tmp_path, capsys):
-    out = tmp_path / "nested" / "clf.pt"
-    assert fid.main(["train", "--data", "Digits", "--out", str(out), "--epochs", "1",
-                     "--width", "4", "--feature-dim", "8", "--data-arg", "val_fraction=0.2"]) == 0
-    classifier = fid.load_feature_classifier(out)
-    assert classifier.input_shape == (1, 8, 8) and classifier.feature_dim == 8
-    assert classifier.metadata["data"] == "Digits" and "val_accuracy" in classifier.metadata
-    assert str(out) in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        fid.main(["train", "--data", "NoSuchData", "--out", str(tmp_path / "x.pt")])
-    assert exit_info.value.code == 2
-    assert "Digits" in capsys.readouterr().err

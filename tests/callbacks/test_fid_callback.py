@@ -1,14 +1,21 @@
 """The FID callback end to end, offline: a small VAE on Digits scored by the plug-in classifier
-every N epochs; the logged number equals an independent Fréchet distance of the same samples."""
+every N epochs; the logged number equals an independent Fréchet distance of the same samples;
+two processes scoring their shares give the single-process number on both ranks."""
 
 import csv
+import datetime
 import functools
 import math
+import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
@@ -122,3 +129,60 @@ def test_bad_configuration_is_rejected_early(tmp_path):
     model = VAE(data_shape=(1, 8, 8), latent_dim=2)
     with pytest.raises(ConfigurationError, match="not a file"):
         _trainer(tmp_path, callback, max_epochs=1).fit(model, datamodule=Digits())
+
+
+# --------------------------------------------------------------------------- two processes
+def _scoring_setup(out_dir):
+    """The same model, classifier file, callback and real images in every process."""
+    torch.manual_seed(0)
+    model = VAE(data_shape=(1, 8, 8), latent_dim=4)
+    weights = Path(out_dir) / "classifier.pt"
+    callback = FID(num_samples=51, batch_size=16, feature_extractor=fid.CLASSIFIER_EXTRACTOR,
+                   weights_path=str(weights), seed=5)
+    real = fid.to_uint8(Digits(seed=0).tensors("val")[0][:37])
+    return model, callback, real
+
+
+def _score_worker(rank, world_size, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        model, callback, real = _scoring_setup(out_dir)
+        # Twice: the second score reuses the real statistics kept from the first.
+        values = [callback.score(model, real, rank=rank, world_size=world_size)
+                  for _ in range(2)]
+        torch.save(values, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+# Spawned processes unpickle the worker by module name (see tests/metrics/test_distributed.py).
+_MODULE = Path(__file__).stem
+_score_worker.__module__ = _MODULE
+
+
+@pytest.mark.slow  # two spawned processes import the stack: ~50 s on 2 shared cores
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_two_processes_scoring_their_shares_log_the_single_process_fid(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    fid.save_feature_classifier(fid.FeatureClassifier((1, 8, 8), 10, feature_dim=6, width=3),
+                                tmp_path / "classifier.pt")
+    model, callback, real = _scoring_setup(tmp_path)
+    single = callback.score(model, real)
+    with torch.no_grad():
+        classifier = fid.load_feature_classifier(tmp_path / "classifier.pt")
+        f_real, f_fake = (classifier.features(fid.to_uint8(x).float() / 255).double().numpy()
+                          for x in (real, callback.sample(model)))
+    assert single == pytest.approx(_frechet_of_features(f_real, f_fake), rel=1e-6)
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setitem(sys.modules, _MODULE, sys.modules[__name__])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_score_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        values = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert values == pytest.approx([single, single], rel=1e-9)
