@@ -7,8 +7,10 @@ from ilvae.models.contract import LatentTerm
 from ilvae.models.hierarchical import HierarchicalVAE
 from ilvae.models.linear import LinearHVAE, LinearVAE
 from ilvae.models.mixture import GaussianMixturePrior, MixtureVAE
+from ilvae.models.mmd_vae import MMDVAE
 from ilvae.models.text import TextVAE
 from ilvae.models.vae import VAE
 
 __all__ = ["VAE", "Autoencoder", "ConditionalVAE", "GaussianMixturePrior", "HierarchicalVAE",
-           "LatentTerm", "LatentVariableModel", "LinearHVAE", "LinearVAE", "MixtureVAE", "TextVAE"]
+           "LatentTerm", "LatentVariableModel", "LinearHVAE", "LinearVAE", "MMDVAE", "MixtureVAE",
+           "TextVAE"]

@@ -87,7 +87,7 @@ class VAE(LatentVariableModel):
         if stage == "train":
             x = self.decoder.likelihood.prepare(x)
         out = self(x)
-        loss, terms = self._loss(out["log_px"], out["kl"])
+        loss, terms = self.objective(out)
         terms.pop("loss")
         with torch.no_grad():
             target = x.flatten(1)
@@ -95,6 +95,12 @@ class VAE(LatentVariableModel):
             dtype = torch.promote_types(mean.dtype, target.dtype)
             terms["gamma_star"] = (mean.to(dtype) - target).square_().mean()  # mean((E[x|z] − x)²)
         return self.log_terms(stage, loss, terms, x.shape[0])
+
+    def objective(self, out: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one batch and its logged terms (``loss``, ``recon``, ``kl``, ``elbo``)
+        from the output of :meth:`forward`; a model adding a term (e.g.
+        :class:`~ilvae.models.MMDVAE`) extends it."""
+        return self._loss(out["log_px"], out["kl"])
 
     def _loss(self, log_px: Tensor, kl: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """:func:`~ilvae.objectives.beta_vae_loss`; without free bits the KL penalty is the
