@@ -1,6 +1,7 @@
 """The collapse remedies' configs (configs/remedies/) train through the CLI with tiny overrides,
 and the pretrained-encoder recipe chains its two stages."""
 
+import math
 from pathlib import Path
 
 import torch
@@ -46,3 +47,14 @@ def test_pretrained_recipe_chains_the_autoencoder_into_the_free_bits_vae(tmp_pat
     assert isinstance(vae.model, VAE) and vae.model.free_bits == 0.5
     assert vae.trainer.global_step == 2
     assert bool(torch.isfinite(vae.trainer.callback_metrics["train/loss_step"]))
+
+
+def test_lagging_vae_config_trains_aggressively(tmp_path):
+    cli = _fit("lagging_vae.yaml", tmp_path, "--model.max_inner_steps=3",
+               "--trainer.callbacks=[]", "--trainer.limit_val_batches=1")
+    assert type(cli.model).__name__ == "LaggingVAE"
+    assert cli.model.aggressive  # one I_q measured: never a switch at the first
+    assert math.isfinite(cli.model.last_mutual_info)
+    # two batches, each: up to 3 encoder steps (at least 2·window = 20 capped to 3) + 1 decoder
+    assert cli.trainer.global_step == 2 * (3 + 1)
+    assert float(cli.trainer.callback_metrics["train/inner_steps"]) == 3.0
