@@ -5,7 +5,7 @@ Autoencoders")."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -29,11 +29,15 @@ class InnerLoopStop:
     authors' code compares windows of 15 steps; ``window`` = 10 is the default here.)
 
     ``update(loss)`` records one step's loss (a float or a scalar tensor, read on the host
-    only at the end of a window) and returns whether the loop stops after it.
+    only at the end of a window) and returns whether the loop stops after it. ``reduce``
+    (e.g. the mean over processes) is applied to each window's summed loss before it is
+    compared, so that under data parallelism every process stops at the same step.
     """
 
-    def __init__(self, window: int = 10, max_steps: int = 100) -> None:
+    def __init__(self, window: int = 10, max_steps: int = 100,
+                 reduce: Callable[[Tensor], Tensor] | None = None) -> None:
         self.window, self.max_steps = int(window), int(max_steps)
+        self.reduce = reduce
         self.steps = 0
         self._sum: Any = 0.0
         self._previous = math.inf
@@ -45,7 +49,10 @@ class InnerLoopStop:
             return True
         if self.steps % self.window:
             return False
-        mean = float(self._sum) / self.window
+        total = torch.as_tensor(self._sum)
+        if self.reduce is not None:
+            total = self.reduce(total)
+        mean = float(total) / self.window
         self._sum = 0.0
         stop = not mean < self._previous
         self._previous = mean
@@ -169,7 +176,11 @@ class LaggingVAE(VAE):
         """The aggressive inner loop for the step's ``batch``: encoder steps on ``batch``,
         then on fresh training batches, until :class:`InnerLoopStop`; returns their number."""
         encoder_opt = self.optimizers()[0]
-        stop = InnerLoopStop(self.inner_window, self.max_inner_steps)
+        # Every process takes the same decision (a differing number of backward passes would
+        # leave a gradient all-reduce waiting).
+        strategy = self.trainer.strategy
+        stop = InnerLoopStop(self.inner_window, self.max_inner_steps,
+                             reduce=lambda total: strategy.reduce(total, reduce_op="mean"))
         while True:
             loss = self._inner_loss(batch)
             self._update(loss, [encoder_opt])

@@ -57,6 +57,14 @@ def test_inner_loop_reads_tensors_as_floats():
     assert _stops_at([torch.tensor(5.0)] * 10, 2, 100) == 4
 
 
+def test_inner_loop_decides_on_the_reduced_window_loss():
+    # What every process would see after the mean over processes: a flat loss, although this
+    # process's own losses keep falling.
+    rule = InnerLoopStop(2, 100, reduce=lambda total: torch.tensor(6.0))
+    stops = [rule.update(torch.tensor(10.0 - i)) for i in range(4)]
+    assert stops == [False, False, False, True]
+
+
 def test_mutual_information_rule_on_a_sequence():
     model = _model()
     flags = [model.record_mutual_information(mi) for mi in (0.5, 1.0, 1.2, 1.2, 1.5, 2.0)]
