@@ -150,8 +150,18 @@ class LaggingVAE(VAE):
                                     gradient_clip_algorithm="norm")
             opt.step()
 
+    def configure_callbacks(self) -> Any:
+        # Lightning calls this when a trainer takes the model, before it checks its own
+        # configuration: the place to refuse trainer-side clipping in one line.
+        clip = self.trainer.gradient_clip_val
+        if clip is not None:
+            check("trainer.gradient_clip_val", clip,
+                  "null with LaggingVAE, which clips its own updates (model.gradient_clip_val)")
+        return super().configure_callbacks()
+
     # ------------------------------------------------------------------ steps
     def on_train_start(self) -> None:
+        super().on_train_start()
         datamodule = self.trainer.datamodule
         # A loader of its own: iterating the trainer's loader twice at once would share
         # (and reset) persistent workers.
@@ -207,6 +217,7 @@ class LaggingVAE(VAE):
         return loss
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         if not self.aggressive or self.trainer.sanity_checking \
                 or not self.mutual_info.update_count:
             return
@@ -224,10 +235,12 @@ class LaggingVAE(VAE):
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[STATE_KEY] = {"aggressive": bool(self.aggressive),
                                  "last_mutual_info": self.last_mutual_info}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get(STATE_KEY)
         if state is not None:
             self.aggressive = bool(state["aggressive"])

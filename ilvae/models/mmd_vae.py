@@ -24,8 +24,9 @@ class MMDVAE(VAE):
     (β-weighted, with ``free_bits``). MMD²_u is the unbiased U-statistic
     :func:`~ilvae.objectives.mmd` between the batch's reparameterised draws z_n ~ q(z|x_n) (a
     sample of the aggregate posterior q(z) = E_x q(z|x)) and as many draws from the model's
-    prior p(z); its gradient reaches the encoder through z. The defaults are the paper's
-    MMD-VAE (α = 1: no KL term, λ = w = 1000); β = 1 with w > 0 adds the MMD to the ELBO.
+    prior p(z); its gradient reaches the encoder through z (not the prior: its draws are
+    constants). The defaults are the paper's MMD-VAE (α = 1: no KL term, λ = w = 1000);
+    β = 1 with w > 0 adds the MMD to the ELBO.
 
     The estimate is logged as ``{stage}/mmd``; ``elbo`` and ``kl`` are logged as for the VAE
     (the KL is reported even when β = 0). ``mmd_weight`` is schedulable by name (like ``beta``)

@@ -189,6 +189,26 @@ def test_bad_configuration_names_the_field(field, value):
         _model(**{field: value})
 
 
+def test_each_update_is_clipped_by_the_model(tmp_path):
+    model = _model(gradient_clip_val=1e-3, optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    model.aggressive = False
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _fit(model, tmp_path, batches=1)
+    for block in ("encoder", "decoder"):
+        moved = torch.cat([(v - before[k]).flatten() for k, v in model.state_dict().items()
+                           if k.startswith(block)])
+        # SGD with lr 1 moves the parameters by the clipped gradient: norm ≤ 1e-3.
+        assert 0 < float(moved.norm()) <= 1e-3 * (1 + 1e-4)
+
+
+def test_trainer_side_clipping_is_refused_in_one_line(tmp_path):
+    trainer = L.Trainer(max_epochs=1, logger=False, gradient_clip_val=5.0,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigurationError, match=r"^trainer.gradient_clip_val=5.0 is not "
+                                                 r"allowed: expected null with LaggingVAE"):
+        trainer.fit(_model(), DataLoader(TensorDataset(X), batch_size=8))
+
+
 def test_a_learning_rate_scheduler_is_refused_in_one_line():
     with pytest.raises(ConfigurationError, match="lr_scheduler=.*steps its two optimisers"):
         _model(lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1))
