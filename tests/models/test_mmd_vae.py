@@ -43,6 +43,27 @@ def test_mmd_weight_is_schedulable_by_name():
         VAE(data_shape=(4,), latent_dim=2).set_hparam("mmd_weight", 1.0)
 
 
+def test_a_schedule_sets_mmd_weight_by_name(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ilvae.callbacks import KLAnnealing
+
+    model = _model()
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(outputs["train/mmd_weight"])
+
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[KLAnnealing(length=4, start=0.0, end=8.0,
+                                               target="mmd_weight"), Record()])
+    trainer.fit(model, DataLoader(TensorDataset(torch.rand(40, 1, 4, 4)), batch_size=10))
+    assert seen == [0.0, 2.0, 4.0, 6.0]  # linear 0 → 8 over 4 steps, read at each step
+
+
 def test_kernel_scale_default_follows_the_prior_variance():
     from ilvae.priors import StandardNormal
     model = MMDVAE(data_shape=(4,), latent_dim=5,
