@@ -48,7 +48,7 @@ def mmd(x: Tensor, y: Tensor, kernel: str = "rbf", scale: float | None = None) -
     The diagonals i = j of the two within-sample sums are left out, which makes the estimate
     unbiased; it can therefore be slightly negative when the two distributions are equal.
     Kernels, with C = ``scale`` (default 2·m, i.e. 2·m·σ² for the unit-variance prior
-    N(0, I), the choice of Tolstikhin et al. 2018 for WAE and of InfoVAE implementations):
+    N(0, I), the choice of Tolstikhin et al. 2018 for the WAE):
 
         ``rbf``:  k(a, b) = exp(−‖a − b‖² / C)          (Gaussian; Zhao et al. 2019)
         ``imq``:  k(a, b) = C / (C + ‖a − b‖²)          (inverse multiquadratic)

@@ -19,8 +19,8 @@ STATE_KEY = "lagging_vae"
 
 
 class InnerLoopStop:
-    """Stopping rule of the aggressive inner loop (He et al. 2019, §4.2: the encoder is
-    updated "until convergence", capped at ``max_steps`` updates).
+    """Stopping rule of the aggressive inner loop of He et al. (2019), whose encoder is
+    updated "until convergence", capped at ``max_steps`` updates.
 
     The losses of the inner steps are averaged over consecutive windows of ``window`` steps;
     the loop stops at the end of a window whose mean loss is not below the previous window's

@@ -15,7 +15,7 @@ from ilvae.objectives import MMD_KERNELS, mmd
 
 
 class MMDVAE(VAE):
-    """VAE trained on the InfoVAE objective (Zhao et al. 2019, eq. 6), as a loss:
+    """VAE trained on the InfoVAE objective of Zhao et al. (2019), as a loss:
 
         loss = −E_batch[log p(x|z)] + (1 − α) · KL-penalty + (α + λ − 1) · MMD²_u(q(z), p(z))
              = −E_batch[log p(x|z)] + β · KL-penalty + w · MMD²_u(q(z), p(z)),
