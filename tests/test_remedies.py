@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ilvae.checkpointing import load_checkpoint
 from ilvae.cli import run
 from ilvae.models import VAE
 
@@ -58,3 +59,19 @@ def test_lagging_vae_config_trains_aggressively(tmp_path):
     # two batches, each: up to 3 encoder steps (at least 2·window = 20 capped to 3) + 1 decoder
     assert cli.trainer.global_step == 2 * (3 + 1)
     assert float(cli.trainer.callback_metrics["train/inner_steps"]) == 3.0
+
+
+def test_lagging_vae_resumes_from_the_cli_checkpoint_in_its_phase(tmp_path):
+    first = _fit("lagging_vae.yaml", tmp_path, "--model.max_inner_steps=3",
+                 "--trainer.callbacks=[]", "--trainer.limit_val_batches=1")
+    ckpt = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    # The checkpoint the CLI wrote (weights-only loading, digest checked) holds the phase.
+    state = load_checkpoint(ckpt)["lagging_vae"]
+    assert state == {"aggressive": True, "last_mutual_info": first.model.last_mutual_info}
+    second = _fit("lagging_vae.yaml", tmp_path, "--model.max_inner_steps=3",
+                  "--trainer.callbacks=[]", "--trainer.limit_val_batches=1",
+                  "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert second.trainer.current_epoch == 2
+    # Still aggressive in the second epoch: 3 encoder steps and 1 decoder step per batch.
+    assert second.trainer.global_step == 2 * 2 * (3 + 1)
+    assert float(second.trainer.callback_metrics["train/aggressive"]) == 1.0
