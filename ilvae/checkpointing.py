@@ -14,6 +14,8 @@
   corrupted and refused files raise :class:`~ilvae.errors.CheckpointError` naming the file.
 - :func:`check_checkpoint` — the same check before a run starts (memory-mapped, so cheap), so a
   bad ``--ckpt_path`` is reported before anything is written.
+- :func:`load_block_weights` — initialise a model's encoder/decoder from another run's
+  checkpoint (weights only, names and shapes checked), e.g. ``VAE(init_from=...)``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.checkpoint_plugin import CheckpointIO
 
-from ilvae.errors import CheckpointError
+from ilvae.errors import CheckpointError, ConfigurationError
 
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 DIGEST_KEY = "ilvae_digest"
@@ -242,7 +244,7 @@ def has_checkpoint_io(plugins: Any) -> bool:
 
 
 __all__ = ["DIGEST_KEY", "AtomicCheckpointIO", "atomic_save", "check_checkpoint", "digest",
-           "has_checkpoint_io", "load_checkpoint"]
+           "has_checkpoint_io", "load_block_weights", "load_checkpoint"]
 
 
 class WeightsOnlyLoading:
@@ -261,3 +263,42 @@ class WeightsOnlyLoading:
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
                                             hparams_file=hparams_file, strict=strict,
                                             weights_only=weights_only, **kwargs)
+
+
+def load_block_weights(model: torch.nn.Module, path: str | os.PathLike,
+                       blocks: tuple[str, ...] = ("encoder", "decoder"),
+                       field: str = "init_from") -> None:
+    """Copy the weights of the named child ``blocks`` of ``model`` from the Lightning
+    checkpoint at ``path`` (its ``state_dict`` entries ``<block>.<name>``), loaded weights-only.
+
+    Every parameter and buffer of each block must be in the checkpoint under the same name and
+    with the same shape, and the checkpoint must hold no other entry of that block; otherwise
+    :class:`~ilvae.errors.ConfigurationError` names ``field``, the file and the first mismatch,
+    and nothing is copied.
+    """
+    state = load_checkpoint(path, map_location="cpu").get("state_dict")
+    where = f"{field}={str(path)!r} does not fit this model"
+    if not isinstance(state, dict):
+        raise ConfigurationError(f"{where}: the file holds no 'state_dict' (expected a "
+                                 "Lightning checkpoint, e.g. an Autoencoder's last.ckpt)")
+    loaded = {}
+    for block in blocks:
+        own = getattr(model, block).state_dict()
+        prefix = f"{block}."
+        theirs = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not theirs:
+            raise ConfigurationError(f"{where}: the checkpoint has no {block} weights")
+        for name in sorted(own.keys() | theirs.keys()):
+            if name not in theirs:
+                raise ConfigurationError(f"{where}: {prefix}{name} is missing from the "
+                                         "checkpoint")
+            if name not in own:
+                raise ConfigurationError(f"{where}: the checkpoint's {prefix}{name} has no "
+                                         "counterpart in this model")
+            if tuple(theirs[name].shape) != tuple(own[name].shape):
+                raise ConfigurationError(
+                    f"{where}: {prefix}{name} has shape {tuple(theirs[name].shape)} in the "
+                    f"checkpoint and {tuple(own[name].shape)} here")
+        loaded[block] = theirs
+    for block, weights in loaded.items():
+        getattr(model, block).load_state_dict(weights)

@@ -10,9 +10,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from ilvae.checkpointing import load_block_weights
 from ilvae.decoders.base import DecoderCallable
 from ilvae.encoders import EncoderCallable
-from ilvae.errors import ConfigurationError, check_number
+from ilvae.errors import ConfigurationError, check, check_number
 from ilvae.likelihoods import Bernoulli, binarization_generator, binarize_fixed
 from ilvae.metrics.iw_nll import importance_weighted_nll
 from ilvae.models.base import LatentVariableModel
@@ -45,6 +46,14 @@ class VAE(LatentVariableModel):
             the model up (``configure_model``). They are compiled in place
             (``nn.Module.compile``), so parameter names, checkpoints and the blocks' methods do
             not change; the first training steps include the compilation.
+        init_from: a Lightning checkpoint (e.g. an :class:`~ilvae.models.Autoencoder` run's
+            ``last.ckpt``) whose ``init_blocks`` weights initialise this model's, loaded
+            weights-only; names and shapes must match
+            (:func:`~ilvae.checkpointing.load_block_weights`). The pretrained-encoder recipe
+            of Li et al. (EMNLP 2019), see ``configs/remedies/pretrained_free_bits.yaml``.
+            Not stored in the hyper-parameters: a checkpoint of this model holds the weights.
+        init_blocks: which blocks ``init_from`` initialises: ``encoder``, ``decoder`` or both
+            (default).
     """
 
     def __init__(self, data_shape: tuple[int, ...] = (64,), latent_dim: int = 16,
@@ -53,14 +62,22 @@ class VAE(LatentVariableModel):
                  prior: PriorCallable | None = None, beta: float = 1.0,
                  free_bits: float = 0.0, optimizer: OptimizerCallable | None = None,
                  lr_scheduler: LRSchedulerCallable | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, init_from: str | None = None,
+                 init_blocks: list[str] | None = None) -> None:
         super().__init__(data_shape, latent_dim, encoder, decoder, prior, optimizer,
                          lr_scheduler)
         self.beta = check_number("beta", beta)
         self.free_bits = check_number("free_bits", free_bits)
         if not isinstance(compile, bool):
             raise ConfigurationError(f"compile={compile!r} is not allowed: expected true or false")
-        self._save_blocks(ignore=[])
+        blocks = ("encoder", "decoder") if init_blocks is None else tuple(init_blocks)
+        if not blocks or not set(blocks) <= {"encoder", "decoder"}:
+            check("init_blocks", init_blocks, "a non-empty list of 'encoder', 'decoder'")
+        if init_from is not None:
+            load_block_weights(self, init_from, blocks, field="init_from")
+        # The weights are in the state dict from here on: a checkpoint of this model must not
+        # read the initialising file again when it is loaded.
+        self._save_blocks(ignore=["init_from", "init_blocks"])
 
     def configure_model(self) -> None:
         # Lightning calls this hook before every fit/validate/test/predict: compile only once.
@@ -87,7 +104,7 @@ class VAE(LatentVariableModel):
         if stage == "train":
             x = self.decoder.likelihood.prepare(x)
         out = self(x)
-        loss, terms = self._loss(out["log_px"], out["kl"])
+        loss, terms = self.objective(out)
         terms.pop("loss")
         with torch.no_grad():
             target = x.flatten(1)
@@ -95,6 +112,12 @@ class VAE(LatentVariableModel):
             dtype = torch.promote_types(mean.dtype, target.dtype)
             terms["gamma_star"] = (mean.to(dtype) - target).square_().mean()  # mean((E[x|z] − x)²)
         return self.log_terms(stage, loss, terms, x.shape[0])
+
+    def objective(self, out: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one batch and its logged terms (``loss``, ``recon``, ``kl``, ``elbo``)
+        from the output of :meth:`forward`; a model adding a term (e.g.
+        :class:`~ilvae.models.MMDVAE`) extends it."""
+        return self._loss(out["log_px"], out["kl"])
 
     def _loss(self, log_px: Tensor, kl: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """:func:`~ilvae.objectives.beta_vae_loss`; without free bits the KL penalty is the

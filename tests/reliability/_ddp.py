@@ -57,6 +57,20 @@ CASES: dict[str, dict[str, Any]] = {
                                                 "init_args": {**HIDDEN, "L": 0.5}}}},
     "vae-mlp-skip": {"model": "ilvae.models.VAE", "poison": [1],
                      "args": {"decoder": {"class_path": "mlp", "init_args": HIDDEN}}},
+    "mmd_vae-mlp": {"model": "ilvae.models.MMDVAE",
+                    "known_issue": "the MMD U-statistic is not a mean over examples: each "
+                                   "process estimates it on its own batch (and its own prior "
+                                   "draws), so DDP averages two B-sample estimates where one "
+                                   "process computes one 2B-sample estimate",
+                    "args": {"mmd_weight": 10.0,
+                             "decoder": {"class_path": "mlp", "init_args": HIDDEN}}},
+    "lagging_vae-mlp": {"model": "ilvae.models.LaggingVAE",
+                        "known_issue": "the aggressive inner loop draws its extra batches from "
+                                       "the datamodule's own (unsharded) train loader, so DDP "
+                                       "and one process update the encoder on different "
+                                       "batches (the stopping decisions are synchronised)",
+                        "args": {"max_inner_steps": 4, "inner_window": 2,
+                                 "decoder": {"class_path": "mlp", "init_args": HIDDEN}}},
     "conditional-mlp": {"model": "ilvae.models.ConditionalVAE", "encoder": False,
                         "args": {"hidden": [16]},
                         "data": ("ilvae.datamodules.conditional.LinearConditionalData",
