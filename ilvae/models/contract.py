@@ -15,6 +15,8 @@ from typing import Any
 from torch import Tensor
 from torch.distributions import Normal, kl_divergence
 
+from ilvae.errors import ConfigurationError
+
 
 @dataclass(frozen=True)
 class LatentTerm:
@@ -56,4 +58,46 @@ def two_level_terms(q1: Normal, encode_z2: Any, conditional_z1: Any,
             LatentTerm("z2", q2, prior.kl(q2))]
 
 
-__all__ = ["LatentTerm", "two_level_terms"]
+class Schedulable:
+    """The named hyper-parameters of a model that schedules and controllers set (β, L, β₂, L₁,
+    …): a model lists them in ``schedulable`` and, where one lives in a block rather than on
+    the model, says where in ``_hparam_owner``; callbacks use only ``get_hparam`` and
+    ``set_hparam``."""
+
+    @property
+    def schedulable(self) -> tuple[str, ...]:
+        """Names of the hyper-parameters that schedules and controllers may set
+        (:meth:`set_hparam`); the model logs each as ``train/<name>`` while training."""
+        return ()
+
+    def get_hparam(self, name: str) -> float:
+        """The current value of the schedulable hyper-parameter ``name``."""
+        owner, attribute = self._hparam_owner(self._check_schedulable(name))
+        return float(getattr(owner, attribute))
+
+    def set_hparam(self, name: str, value: float) -> None:
+        """Set the schedulable hyper-parameter ``name`` to ``value``."""
+        owner, attribute = self._hparam_owner(self._check_schedulable(name))
+        setattr(owner, attribute, float(value))
+
+    def schedulable_note(self, name: str) -> str:
+        """Why ``name`` is not schedulable here, for the one-line refusal ('' when no reason is
+        known beyond the list of names)."""
+        return ""
+
+    def _hparam_owner(self, name: str) -> tuple[Any, str]:
+        """(object, attribute) holding the schedulable hyper-parameter ``name``."""
+        return self, name
+
+    def _check_schedulable(self, name: str, field: str = "target") -> str:
+        names = self.schedulable
+        if name not in names:
+            allowed = ", ".join(names) if names else "none"
+            note = self.schedulable_note(name)
+            raise ConfigurationError(
+                f"{field}={name!r} is not allowed: expected a hyper-parameter that "
+                f"{type(self).__name__} declares schedulable ({allowed}){note}")
+        return name
+
+
+__all__ = ["LatentTerm", "Schedulable", "two_level_terms"]
