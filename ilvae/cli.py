@@ -27,7 +27,6 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from ilvae import registry
 from ilvae.checkpointing import AtomicCheckpointIO, check_checkpoint, has_checkpoint_io
@@ -38,6 +37,7 @@ from ilvae.errors import (
     check_optimizers,
     trainer_error_line,
 )
+from ilvae.loggers import how_to_view
 
 _PARSER_MODE = "ilvae_yaml"
 _STATE = {"running": False}
@@ -263,10 +263,10 @@ class ILVAECLI(LightningCLI):
             dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
             if dirpath and get_filesystem(dirpath).isdir(dirpath):
                 print(f"ilvae: checkpoints: {dirpath}")
-            board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)),
-                         None)
-            if board is not None:
-                print(f"ilvae: view with: tensorboard --logdir {board.log_dir}")
+            for logger in trainer.loggers:  # how to look at this run with each of its loggers
+                hint = how_to_view(logger)
+                if hint is not None:
+                    print(f"ilvae: {hint}")
 
 
 def _trainer_defaults() -> dict[str, Any]:
