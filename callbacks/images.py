@@ -83,20 +83,26 @@ class ImageLogger(L.Callback):
         if not loggers.picture_loggers(trainer) or dm is None or not hasattr(dm, "tensors"):
             return
         batch = [t[: self.num_images].to(pl_module.device) for t in dm.tensors("val")]
-        step = trainer.global_step
+        for tag, grid in self.grids(pl_module, batch).items():
+            loggers.log_image(trainer, tag, grid, trainer.global_step)
+
+    def grids(self, pl_module: L.LightningModule, batch: list[torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+        """The pictures for a validation ``batch``: ``images/reconstructions`` (the batch's
+        images above their reconstructions) and ``images/samples`` (``num_images`` seeded prior
+        samples), as upscaled (3, H, W) grids; empty when the model's data are not images."""
         with torch.inference_mode():
             x, recon = pl_module.reconstructions(batch)
             if x.dim() != 4:
-                return
+                return {}
             shape = tuple(x.shape[1:])
             x, recon = x.float(), recon.float().clamp(0, 1)
             nrow = min(8, x.shape[0])
-            grid = image_grid(torch.cat([x, recon]), nrow, self.upscale)
-            loggers.log_image(trainer, "images/reconstructions", grid, step)
+            out = {"images/reconstructions": image_grid(torch.cat([x, recon]), nrow, self.upscale)}
             samples = self._samples(pl_module, shape)
             if samples is not None:
-                loggers.log_image(trainer, "images/samples",
-                                  image_grid(samples, 8, self.upscale), step)
+                out["images/samples"] = image_grid(samples, 8, self.upscale)
+        return out
 
     def _samples(self, pl_module: L.LightningModule, shape: tuple) -> torch.Tensor | None:
         """The model's own ``sample(n)`` (its prior: a mixture, a hierarchy, N(0, η² I)) with the

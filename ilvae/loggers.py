@@ -1,4 +1,5 @@
-"""Pictures and histograms for every Lightning logger, and how to look at a run afterwards.
+"""Pictures and histograms for every Lightning logger, where a run's files go, and how to look at
+a run afterwards.
 
 Lightning sends scalars (``self.log``) to every logger of the Trainer; pictures have no common
 API, so the callbacks that draw them (:class:`~ilvae.callbacks.ImageLogger`,
@@ -122,6 +123,28 @@ def log_histogram(trainer: L.Trainer, tag: str, values: torch.Tensor, step: int)
             import wandb
 
             logger.log_metrics({tag: wandb.Histogram(values.numpy())}, step=step)
+
+
+def run_directory(trainer: L.Trainer) -> str:
+    """The folder of this run's own files (``config.yaml``, ``summary.json``, ``checkpoints/``).
+
+    For a first logger that writes a folder per run (TensorBoard, CSV) it is that folder,
+    ``trainer.log_dir``; for the others (MLflow, W&B) ``trainer.log_dir`` is their store, shared by
+    every run (or None for a database store), so the folder is the one Lightning's
+    ``ModelCheckpoint`` puts the run's checkpoints under: ``SAVE_DIR/NAME/VERSION`` from the
+    logger's public ``save_dir`` (the root directory when the store is remote), ``name`` and
+    ``version`` (for MLflow the experiment and run ids, for W&B the project and run id). Without
+    a logger it is the root directory (``ilvae fit`` gives each such run its own). Call it on
+    rank zero only: asking MLflow or W&B for their ids starts their run there.
+    """
+    if not trainer.loggers:
+        return str(trainer.default_root_dir)
+    first = trainer.loggers[0]
+    if isinstance(first, (TensorBoardLogger, CSVLogger)):
+        return str(first.log_dir)
+    version = first.version
+    version = version if isinstance(version, str) else f"version_{version}"
+    return os.path.join(str(first.save_dir or trainer.default_root_dir), str(first.name), version)
 
 
 def how_to_view(logger: Logger) -> str | None:

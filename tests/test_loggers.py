@@ -19,6 +19,7 @@ from PIL import Image
 from ilvae.callbacks import CollapseMonitor, ImageLogger, LatentPlot
 from ilvae.cli import main
 from ilvae.datamodules import Digits
+from ilvae.loggers import how_to_view, run_directory
 from ilvae.models import VAE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,8 +186,13 @@ def test_wandb_offline_gets_scalars_pictures_and_histogram(tmp_path, monkeypatch
     try:
         trainer, _ = _fit(logger)
         run_dir = Path(logger.experiment.dir).parent
+        hint, own = how_to_view(logger), run_directory(trainer)
     finally:
         wandb.finish()
+    assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")
+    assert hint.startswith(f"offline W&B run; upload with: wandb sync {run_dir} ")
+    # the run's own folder (config, summary, checkpoints): SAVE_DIR/PROJECT/RUN_ID
+    assert own == str(tmp_path / "lightning_logs" / logger.version)
     history = _wandb_history(run_dir)
     assert history["val/elbo"][-1] == pytest.approx(float(trainer.callback_metrics["val/elbo"]),
                                                     rel=1e-6)
@@ -242,3 +248,38 @@ def test_cli_two_loggers_both_get_scalars_and_pictures(tmp_path, capsys, mlflow_
     assert elbo == pytest.approx(acc.Scalars("val/elbo")[-1].value, rel=1e-6)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any(p.startswith("images/images~samples+step+") for p in images)
+
+
+def test_cli_logger_without_its_required_folder_is_one_line(tmp_path, capsys):
+    assert main([*DIGITS, f"--trainer.default_root_dir={tmp_path}",
+                 "--trainer.logger=CSVLogger"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("ilvae: error: trainer.logger.save_dir is required by CSVLogger: "
+                      "add --trainer.logger.save_dir=…")
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.slow  # MLflow's client takes seconds to start
+def test_cli_mlflow_database_runs_each_get_their_own_run_directory(tmp_path, capsys, mlflow_uri):
+    """With an MLflow database store Lightning has no log_dir; each run's config.yaml,
+    summary.json and checkpoints go to ROOT/EXPERIMENT_ID/RUN_ID, beside each other."""
+    from mlflow import MlflowClient
+
+    args = [*DIGITS, f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            "--trainer.enable_checkpointing=true", "--trainer.logger=MLFlowLogger",
+            f"--trainer.logger.tracking_uri={mlflow_uri}",
+            f"--trainer.logger.artifact_location={tmp_path / 'artifacts'}"]
+    assert main(args) == 0
+    assert main([*args, "--model.optimizer.lr=0.002"]) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("lightning_logs").experiment_id
+    runs = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2
+    for run, lr in zip(runs, ("0.001", "0.002"), strict=True):
+        folder = tmp_path / "runs" / experiment / run.info.run_id
+        assert f"ilvae: run directory: {folder}" in out
+        assert (folder / "checkpoints" / "last.ckpt").is_file()
+        assert json.loads((folder / "summary.json").read_text())["stage"] == "fit"
+        assert f"lr: {lr}" in (folder / "config.yaml").read_text()
+        assert f"(run {run.info.run_id})" in out
