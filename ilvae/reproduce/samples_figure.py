@@ -8,7 +8,7 @@ run directory, without logger, checkpoints or the config's callbacks), then draw
 that :class:`~ilvae.callbacks.ImageLogger` sends to the loggers: seeded samples from the model's
 prior and evenly spaced validation images above their reconstructions, each pixel enlarged into a
 block. An existing ``--out`` is kept unless ``--force``, which renames it to
-``NAME.previous.png``.
+``NAME.previous.png`` (``NAME.previous.N.png`` when that is taken).
 """
 
 from __future__ import annotations
@@ -74,6 +74,14 @@ def figure(model, datamodule, num_samples: int = 16, num_reconstructed: int = 8,
     return fig
 
 
+def _free_name(out: Path) -> Path:
+    """``NAME.previous.png``, or ``NAME.previous.N.png`` when that is taken."""
+    candidate, n = out.with_name(f"{out.stem}.previous{out.suffix}"), 1
+    while candidate.exists():
+        candidate, n = out.with_name(f"{out.stem}.previous.{n}{out.suffix}"), n + 1
+    return candidate
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ilvae.reproduce.samples_figure",
                                      description=__doc__.splitlines()[0])
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         fig = figure(model, datamodule,
                      title=f"{Path(args.config).name}, {args.epochs} epochs")
     if out.exists():
-        out.rename(out.with_name(f"{out.stem}.previous{out.suffix}"))
+        out.rename(_free_name(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     print(f"ilvae: wrote {out} ({time.perf_counter() - start:.0f} s)")
