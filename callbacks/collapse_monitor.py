@@ -1,4 +1,5 @@
-"""Collapse metrics on the validation set, logged to TensorBoard every N epochs."""
+"""Collapse metrics on the validation set, logged every N epochs (scalars to every logger; the
+KL-per-dimension histogram and bar chart to the loggers that show pictures)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
-from ilvae.callbacks.images import tensorboard
+from ilvae import loggers
 from ilvae.metrics import (
     ActiveUnits,
     EpsilonCollapse,
@@ -191,11 +192,10 @@ class CollapseMonitor(L.Callback):
 
     def _log_pictures(self, trainer: L.Trainer, kl_per_dim: torch.Tensor,
                       suffix: str = "") -> None:
-        writer = tensorboard(trainer)
-        if writer is None:
+        if not loggers.picture_loggers(trainer):
             return
         step = trainer.global_step
-        writer.add_histogram(f"val/kl_per_dim{suffix}", kl_per_dim, step)
+        loggers.log_histogram(trainer, f"val/kl_per_dim{suffix}", kl_per_dim, step)
         import matplotlib
 
         matplotlib.use("Agg")
@@ -208,4 +208,4 @@ class CollapseMonitor(L.Callback):
         ax.set_title(f"KL per dimension{suffix.replace('_', ' of ')}, epoch "
                      f"{trainer.current_epoch}")
         fig.tight_layout()
-        writer.add_figure(f"collapse/kl_per_dim{suffix}", fig, step)
+        loggers.log_figure(trainer, f"collapse/kl_per_dim{suffix}", fig, step)

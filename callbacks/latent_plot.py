@@ -6,13 +6,14 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ilvae.callbacks.images import tensorboard
+from ilvae import loggers
 
 
 class LatentPlot(L.Callback):
     """Every ``every_n_epochs`` validation epochs, log ``latent/posterior_means``: the posterior
     means E_q[z|x] of up to ``num_points`` validation examples on latent dimensions ``dims``,
-    coloured by label (the last element of a validation example, when it is an integer). The
+    coloured by label (the last element of a validation example, when it is an integer), with a
+    legend naming each label's colour. The
     posterior is the model's first latent level (``latent_terms``, the model contract: q(z₁|x)
     of a hierarchy, the moment-matched q(z|x) of a mixture, q(z|x, y) of a conditional model).
 
@@ -41,16 +42,24 @@ class LatentPlot(L.Callback):
                                  squeeze=False)
         i, j = self.dims if loc.shape[1] > 1 else (0, 0)
         ax = axes[0, 0]
-        labelled = y >= 0
-        colour = {"c": y.numpy(), "cmap": "tab10"} if labelled.any() else {"c": "tab:blue"}
-        ax.scatter(loc[:, i], loc[:, j], s=4, alpha=0.6, **colour)
+        groups = _by_label(y)
+        for label, members in groups:
+            ax.scatter(loc[members, i], loc[members, j], s=4, alpha=0.6,
+                       color=_colour(label), label=None if label is None else str(label))
         ax.set_xlabel(f"E[z_{i}|x]")
         ax.set_ylabel(f"E[z_{j}|x]")
         ax.set_title("posterior means")
+        if groups[0][0] is not None:
+            # one entry per label, with opaque, large markers so that colours can be matched
+            ax.legend(title="label", fontsize=7, title_fontsize=8, markerscale=3,
+                      loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+            for handle in ax.get_legend().legend_handles:
+                handle.set_alpha(1.0)
         if toy:
             ax = axes[0, 1]
             x = dm.tensors("val")[0][: self.num_points]
-            ax.scatter(x[:, 0], x[:, 1], s=4, alpha=0.4, **colour)
+            for label, members in groups:
+                ax.scatter(x[members, 0], x[members, 1], s=4, alpha=0.4, color=_colour(label))
             for mean in torch.as_tensor(dm.means):
                 ax.add_patch(plt.Circle(tuple(mean.tolist()), 2 * float(dm.sigma), fill=False,
                                         color="black", lw=1.5))
@@ -65,9 +74,8 @@ class LatentPlot(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
-        writer = tensorboard(trainer)
         dm = getattr(trainer, "datamodule", None)
-        if writer is None or dm is None or not hasattr(dm, "tensors"):
+        if not loggers.picture_loggers(trainer) or dm is None or not hasattr(dm, "tensors"):
             return
         batch = [t[: self.num_points] for t in dm.tensors("val")]
         y = batch[-1] if len(batch) > 1 and not batch[-1].is_floating_point() else None
@@ -75,4 +83,19 @@ class LatentPlot(L.Callback):
         with torch.inference_mode():
             terms = pl_module.latent_terms([t.to(pl_module.device) for t in batch])
         loc = terms[0].posterior.loc.cpu()
-        writer.add_figure("latent/posterior_means", self.figure(loc, y, dm), trainer.global_step)
+        loggers.log_figure(trainer, "latent/posterior_means", self.figure(loc, y, dm),
+                           trainer.global_step)
+
+
+def _by_label(y: torch.Tensor) -> list[tuple[int | None, torch.Tensor]]:
+    """(label, boolean mask) per label present in ``y`` in increasing order; one group with label
+    None when nothing is labelled (labels < 0)."""
+    labels = sorted(int(v) for v in torch.unique(y[y >= 0]))
+    if not labels:
+        return [(None, torch.ones_like(y, dtype=torch.bool))]
+    return [(label, y == label) for label in labels]
+
+
+def _colour(label: int | None) -> str:
+    """Matplotlib's tab10 cycle ("C0" … "C9") by label, the same in both panels."""
+    return "C0" if label is None else f"C{label % 10}"

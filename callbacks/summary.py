@@ -6,8 +6,9 @@ them the run logged, under their logged names (``val/elbo``, ``val/iw_nll``, ``v
 ``val/kl_z1``, ``val/active_units``, ``val/mutual_info``, ``val/epsilon_collapsed``,
 ``train/beta``, ``train/L``, …). It prints them as a table, one aligned line per metric, and
 writes them, with ``stage``, ``epoch``, ``global_step`` and ``ckpt_path``, to
-``summary.json`` in the run directory (``trainer.log_dir``; for a run without a logger the
-folder ``ilvae`` gives each such run). Values are plain floats; a NaN or infinite value is
+``summary.json`` in the run directory (:func:`ilvae.loggers.run_directory`: the logger's run
+folder, beside the run's checkpoints for MLflow and W&B; for a run without a logger the folder
+``ilvae`` gives each such run). Values are plain floats; a NaN or infinite value is
 written as ``null``. An existing file is never overwritten: a second summary in the same folder
 (``trainer.test`` after ``trainer.fit`` from Python) goes to ``summary_<stage>.json`` or
 ``summary_<stage>_<n>.json``.
@@ -27,6 +28,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+
+from ilvae.loggers import run_directory
 
 #: Metric stems (the part after ``stage/``) reported, in the order the table lists them.
 STEMS = ("elbo", "elbo_binarized", "iw_nll", "kl", "active_units", "mutual_info",
@@ -130,9 +133,9 @@ class RunSummary(Callback):
     def _summarise(self, trainer: pl.Trainer, stage: str) -> None:
         if not self.enabled:
             return
-        directory = trainer.log_dir  # a collective under DDP: every process must ask
         if not trainer.is_global_zero:
             return
+        directory = run_directory(trainer)
         summary = self.summary(trainer, stage)
         print(format_table(summary), flush=True)
         if directory is None:

@@ -26,8 +26,7 @@ from jsonargparse import set_loader
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ilvae import registry
 from ilvae.checkpointing import AtomicCheckpointIO, check_checkpoint, has_checkpoint_io
@@ -38,6 +37,7 @@ from ilvae.errors import (
     check_optimizers,
     trainer_error_line,
 )
+from ilvae.loggers import how_to_view, run_directory
 
 _PARSER_MODE = "ilvae_yaml"
 _STATE = {"running": False}
@@ -122,6 +122,23 @@ def _section(config: Any) -> Any:
     """The part of a parsed configuration for the subcommand being run."""
     subcommand = config.get("subcommand")
     return config[subcommand] if subcommand else config
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes ``config.yaml`` into the run directory (:func:`ilvae.loggers.run_directory`), a
+    folder of its own for every logger: Lightning's default, ``trainer.log_dir``, is the shared
+    store of an MLflow or W&B logger (the next run would find the file there), or None for an
+    MLflow database. An existing file is never overwritten."""
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        directory = run_directory(trainer)
+        path = os.path.join(directory, self.config_filename)
+        fs = get_filesystem(directory)
+        if fs.isfile(path) and not self.overwrite:
+            raise ConfigurationError(f"{path} exists already: a run directory is never reused")
+        fs.makedirs(directory, exist_ok=True)
+        self.parser.save(self.config, path, skip_none=False, overwrite=self.overwrite,
+                         multifile=self.multifile)
 
 
 class ILVAECLI(LightningCLI):
@@ -257,16 +274,15 @@ class ILVAECLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
-        log_dir = trainer.log_dir  # a collective under DDP: every process must ask
         if trainer.is_global_zero:
-            print(f"ilvae: run directory: {log_dir}")
+            print(f"ilvae: run directory: {run_directory(trainer)}")
             dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
             if dirpath and get_filesystem(dirpath).isdir(dirpath):
                 print(f"ilvae: checkpoints: {dirpath}")
-            board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)),
-                         None)
-            if board is not None:
-                print(f"ilvae: view with: tensorboard --logdir {board.log_dir}")
+            for logger in trainer.loggers:  # how to look at this run with each of its loggers
+                hint = how_to_view(logger)
+                if hint is not None:
+                    print(f"ilvae: {hint}")
 
 
 def _trainer_defaults() -> dict[str, Any]:
@@ -306,6 +322,8 @@ _EXPECTED = re.compile(r"Expected a <class '(\w+)'>(?:\. Got value: (.+?)(?:\. G
                        re.MULTILINE)
 _GIVEN = re.compile(r"^\s*Given value: (.+)$", re.MULTILINE)
 _NOT_ACCEPTED = re.compile(r"Option '(\w+)' is not accepted")
+_REQUIRED = re.compile(r"given class_path '([\w.]+)':\s+the following arguments are required: "
+                       r"([\w, ]+)")
 _CLASS_PATH = re.compile(r"class_path='([\w.]+)'")
 _TYPE_WORDS = {"float": "a finite number", "int": "an integer", "bool": "true or false",
                "str": "a string"}
@@ -360,6 +378,11 @@ def argument_error_line(exc: BaseException) -> str:
         if match and field:
             return (f"{field}={match.group(1)!r} is unknown; choose one of "
                     f"{_known_names(field)}, or a class path 'package.module.Class'")
+    required = _REQUIRED.search(text)
+    if required and field:  # e.g. --trainer.logger=CSVLogger without its save_dir
+        name = required.group(2).split(",")[0].strip()
+        return (f"{field}.{name} is required by {required.group(1).rsplit('.', 1)[-1]}: "
+                f"add --{field}.{name}=…")
     option = _NOT_ACCEPTED.search(text)
     if option and field:
         owner = _CLASS_PATH.search(text)
@@ -399,7 +422,8 @@ def run(args: list[str] | None = None) -> ILVAECLI:
         args=args,
         trainer_defaults=_trainer_defaults(),
         parser_kwargs={"parser_mode": _PARSER_MODE, "exit_on_error": False},
-        save_config_kwargs={"overwrite": False},
+        save_config_callback=SaveRunConfig,
+        save_config_kwargs={"overwrite": False, "save_to_log_dir": False},
     )
 
 
