@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
+
+from ilvae.errors import check
 
 
 def _modules(model: Any) -> list[nn.Module]:
@@ -20,7 +22,7 @@ def _modules(model: Any) -> list[nn.Module]:
 
 
 @contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
+def eval_mode(model: Any) -> Iterator[None]:
     """Put every module of ``model`` in evaluation mode and restore each one's flag afterwards.
 
     Evaluation mode matters for correctness, not only for dropout: the adaptive-variance
@@ -41,9 +43,28 @@ def _eval_mode(model: Any) -> Iterator[None]:
 _CHUNK_VALUES = 2**21
 
 
-def _repeat(x: Tensor, k: int) -> Tensor:
+def repeat_samples(x: Tensor, k: int) -> Tensor:
     """(B, ...) → (k·B, ...), the k copies stacked sample-major."""
     return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+
+
+def iw_bound(log_weights: Callable[[int], Tensor], num_samples: int, chunk: int) -> Tensor:
+    """NLL_K = log K − logsumexp_k log w_k per example, (B,) float64 nats, for K =
+    ``num_samples`` importance weights drawn ``chunk`` at a time: ``log_weights(k)`` returns the
+    log weights log w = log p(x, z_k) − log q(z_k|x) of k fresh draws, shape (k, B). The one
+    importance-weighting every model family uses (Burda et al., 2016)."""
+    if int(num_samples) != num_samples or num_samples < 1:
+        check("num_samples", num_samples, "an integer >= 1")
+    if int(chunk) != chunk or chunk < 1:
+        check("chunk_size", chunk, "an integer >= 1")
+    log_w = [log_weights(min(chunk, num_samples - start)).double()
+             for start in range(0, num_samples, chunk)]
+    return math.log(num_samples) - torch.logsumexp(torch.cat(log_w), dim=0)
+
+
+def default_chunk(x: Tensor) -> int:
+    """Samples per chunk so that a chunk's k·B·D likelihood terms stay near 2²¹ values."""
+    return max(1, _CHUNK_VALUES // max(1, x[:1].numel() * x.shape[0]))
 
 
 def importance_weighted_nll(model: Any, x: Tensor, num_samples: int,
@@ -53,20 +74,18 @@ def importance_weighted_nll(model: Any, x: Tensor, num_samples: int,
     (formula and chunking as in :class:`ImportanceWeightedNLL`). Any proposal q gives a valid
     bound, so q need not be the exact posterior (e.g. a mixture's moment-matched q(z|x)). The
     model is in evaluation mode for the call; no gradients are recorded."""
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         posterior = model.encode(x)
         batch = x.shape[0]
-        log_w = []
-        chunk = chunk_size or max(1, _CHUNK_VALUES // max(1, x[:1].numel() * batch))
-        for start in range(0, num_samples, chunk):
-            k = min(chunk, num_samples - start)
+
+        def log_weights(k: int) -> Tensor:
             z = posterior.sample((k,))  # (k, B, m)
             flat = z.reshape(k * batch, -1)
-            log_px = model.decoder.log_prob(_repeat(x, k), flat).reshape(k, batch)
+            log_px = model.decoder.log_prob(repeat_samples(x, k), flat).reshape(k, batch)
             log_pz = model.prior.log_prob(flat).reshape(k, batch)
-            log_qz = posterior.log_prob(z).sum(-1)
-            log_w.append((log_px + log_pz - log_qz).double())
-        return math.log(num_samples) - torch.logsumexp(torch.cat(log_w), dim=0)
+            return log_px + log_pz - posterior.log_prob(z).sum(-1)
+
+        return iw_bound(log_weights, num_samples, chunk_size or default_chunk(x))
 
 
 class ImportanceWeightedNLL(Metric):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ilvae.metrics.iw_nll import _eval_mode, _repeat
+from ilvae.metrics.iw_nll import eval_mode, repeat_samples
 
 
 def _fisher_bound(decoder: Any, latent_dim: int) -> float | None:
@@ -91,13 +91,13 @@ class RelativeFisherDivergence(Metric):
 
     def update(self, x: Tensor, model: Any) -> None:
         batch = x.shape[0]
-        with torch.inference_mode(False), torch.enable_grad(), _eval_mode(model):
+        with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
             x = x.clone()
             with torch.no_grad():
                 posterior = model.encode(x)
                 z = posterior.sample((self.num_samples,)).reshape(-1, posterior.loc.shape[-1])
             z = z.clone().requires_grad_(True)
-            log_px = model.decoder.log_prob(_repeat(x, self.num_samples), z)
+            log_px = model.decoder.log_prob(repeat_samples(x, self.num_samples), z)
             (grad,) = torch.autograd.grad(log_px.sum(), z)
             fisher = grad.detach().double().pow(2).sum(-1).reshape(self.num_samples, batch)
             bound = _fisher_bound(model.decoder, z.shape[-1])

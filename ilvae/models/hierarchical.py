@@ -5,7 +5,6 @@ variational autoencoders", ICLR 2024, arXiv 2306.05023), the nonlinear counterpa
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -18,13 +17,10 @@ from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import EncoderCallable, MLPEncoder, check_hidden, make_activation
 from ilvae.errors import ConfigurationError, check_number
 from ilvae.metrics import ActiveUnits, KLPerDimension
+from ilvae.metrics.iw_nll import default_chunk, eval_mode, iw_bound, repeat_samples
 from ilvae.models.base import LatentVariableModel
 from ilvae.models.contract import LatentTerm, two_level_terms
 from ilvae.priors import StandardNormal
-
-# Likelihood terms per IW chunk: keeps the K-sample passes cache-sized (as ImportanceWeightedNLL).
-_CHUNK_VALUES = 2**21
-# Logged terms of the objective besides the loss, in this order.
 
 
 def _positive_int(field: str, value: Any, minimum: int = 1) -> int:
@@ -33,11 +29,6 @@ def _positive_int(field: str, value: Any, minimum: int = 1) -> int:
         raise ConfigurationError(f"{field}={value!r} is not allowed: expected an integer "
                                  f">= {minimum}")
     return int(value)
-
-
-def _repeat(x: Tensor, k: int) -> Tensor:
-    """(B, ...) → (k·B, ...), the k copies stacked sample-major."""
-    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
 
 
 class HierarchicalVAE(LatentVariableModel):
@@ -206,31 +197,22 @@ class HierarchicalVAE(LatentVariableModel):
 
         K = 1 is the negative one-sample ELBO (all terms sampled); E NLL_K ≥ −log p(x) and
         decreases to it as K grows. Runs in evaluation mode (each module's flag is restored)."""
-        k_total = self.num_iw_samples if num_samples is None else int(num_samples)
-        if k_total < 1:
-            raise ValueError(f"num_samples must be >= 1, got {k_total}")
-        modules = list(self.modules())
-        flags = [m.training for m in modules]
-        self.eval()
-        try:
+        k_total = self.num_iw_samples if num_samples is None else num_samples
+        batch = x.shape[0]
+        with eval_mode(self):
             q1 = self.encode(x)
-            batch = x.shape[0]
-            chunk = chunk_size or max(1, _CHUNK_VALUES // max(1, x[:1].numel() * batch))
-            log_w = []
-            for start in range(0, k_total, chunk):
-                k = min(chunk, k_total - start)
+
+            def log_weights(k: int) -> Tensor:
                 z1 = q1.sample((k,))  # (k, B, d₁)
                 flat = z1.reshape(k * batch, -1)
                 q2 = self.encode_z2(flat)
                 z2 = q2.sample()
-                log_p = (self.decoder.log_prob(_repeat(x, k), flat)
+                log_p = (self.decoder.log_prob(repeat_samples(x, k), flat)
                          + self.conditional_z1(z2).log_prob(flat).sum(-1)
                          + self.prior.log_prob(z2) - q2.log_prob(z2).sum(-1))
-                log_w.append((log_p.reshape(k, batch) - q1.log_prob(z1).sum(-1)).double())
-            return math.log(k_total) - torch.logsumexp(torch.cat(log_w), dim=0)
-        finally:
-            for module, flag in zip(modules, flags, strict=True):
-                module.training = flag
+                return log_p.reshape(k, batch) - q1.log_prob(z1).sum(-1)
+
+            return iw_bound(log_weights, k_total, chunk_size or default_chunk(x))
 
     # -------------------------------------------------------------- contract
     schedulable = ("beta_1", "beta_2")

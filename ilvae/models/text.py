@@ -16,7 +16,6 @@ this module holds the model and re-exports the blocks for old imports.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from ilvae._config import build_component
 from ilvae.decoders.lstm import CLASS_OFFSET, LSTMDecoder
 from ilvae.encoders import LSTMEncoder
 from ilvae.errors import ConfigurationError, check, check_number
+from ilvae.metrics.iw_nll import iw_bound
 from ilvae.metrics.text_nll import TextNLL
 from ilvae.models.base import LatentVariableModel
 from ilvae.objectives import beta_vae_loss
@@ -190,20 +190,16 @@ class TextVAE(LatentVariableModel):
         (defaults: ``num_iw_samples``, ``iw_chunk_size``). Nothing in the model depends on the
         training flag (word dropout belongs to the training step), so any mode gives the same."""
         k_total = self.num_iw_samples if num_samples is None else num_samples
-        chunk = self.iw_chunk_size if chunk_size is None else chunk_size
-        if k_total < 1 or chunk < 1:
-            raise ValueError(f"num_samples and chunk_size must be >= 1, got {k_total}, {chunk}")
         posterior = self.encode(tokens)
         batch = tokens.shape[0]
-        log_w = []
-        for start in range(0, k_total, chunk):
-            k = min(chunk, k_total - start)
+
+        def log_weights(k: int) -> Tensor:
             z = posterior.sample((k,))  # (k, B, m)
-            log_px = self.decoder.log_prob(tokens, z)
             log_pz = self.prior.log_prob(z.reshape(k * batch, -1)).reshape(k, batch)
-            log_qz = posterior.log_prob(z).sum(-1)
-            log_w.append((log_px + log_pz - log_qz).double())
-        return math.log(k_total) - torch.logsumexp(torch.cat(log_w), dim=0)
+            return self.decoder.log_prob(tokens, z) + log_pz - posterior.log_prob(z).sum(-1)
+
+        return iw_bound(log_weights, k_total,
+                        self.iw_chunk_size if chunk_size is None else chunk_size)
 
     # -------------------------------------------------------------- training
     def _tokens(self, batch: Any) -> Tensor:
