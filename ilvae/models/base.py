@@ -160,7 +160,7 @@ class LatentVariableModel(Schedulable, WeightsOnlyLoading, L.LightningModule):
         if logged is None:
             logged = self._logged_hparams = {}
         for name in self.schedulable:
-            owner, attribute = self._hparam_owner(name)
+            owner, attribute = self.hparam_owner(name)
             value = float(getattr(owner, attribute))
             output[f"train/{name}"] = value
             if logged.get(name) != value:

@@ -61,7 +61,7 @@ def two_level_terms(q1: Normal, encode_z2: Any, conditional_z1: Any,
 class Schedulable:
     """The named hyper-parameters of a model that schedules and controllers set (β, L, β₂, L₁,
     …): a model lists them in ``schedulable`` and, where one lives in a block rather than on
-    the model, says where in ``_hparam_owner``; callbacks use only ``get_hparam`` and
+    the model, says where in ``hparam_owner``; callbacks use only ``get_hparam`` and
     ``set_hparam``."""
 
     @property
@@ -72,12 +72,12 @@ class Schedulable:
 
     def get_hparam(self, name: str) -> float:
         """The current value of the schedulable hyper-parameter ``name``."""
-        owner, attribute = self._hparam_owner(self._check_schedulable(name))
+        owner, attribute = self.hparam_owner(self._check_schedulable(name))
         return float(getattr(owner, attribute))
 
     def set_hparam(self, name: str, value: float) -> None:
         """Set the schedulable hyper-parameter ``name`` to ``value``."""
-        owner, attribute = self._hparam_owner(self._check_schedulable(name))
+        owner, attribute = self.hparam_owner(self._check_schedulable(name))
         setattr(owner, attribute, float(value))
 
     def schedulable_note(self, name: str) -> str:
@@ -85,7 +85,7 @@ class Schedulable:
         known beyond the list of names)."""
         return ""
 
-    def _hparam_owner(self, name: str) -> tuple[Any, str]:
+    def hparam_owner(self, name: str) -> tuple[Any, str]:
         """(object, attribute) holding the schedulable hyper-parameter ``name``."""
         return self, name
 

@@ -364,7 +364,7 @@ class MixtureVAE(LatentVariableModel):
             names.append("L1")
         return tuple(names)
 
-    def _hparam_owner(self, name: str) -> tuple[Any, str]:
+    def hparam_owner(self, name: str) -> tuple[Any, str]:
         return (self.decoder, "L") if name == "L" else (self, name)
 
     def schedulable_note(self, name: str) -> str:

@@ -99,7 +99,7 @@ class TextVAE(LatentVariableModel):
         """``beta``, and ``L`` (the decoder's settable constant) with the ``"brenier"`` output."""
         return ("beta", "L") if hasattr(self.decoder, "L") else ("beta",)
 
-    def _hparam_owner(self, name: str) -> tuple[Any, str]:
+    def hparam_owner(self, name: str) -> tuple[Any, str]:
         return (self.decoder, "L") if name == "L" else (self, name)
 
     def __init__(self, data_shape: tuple[int, ...], vocab_size: int, latent_dim: int = 32,

@@ -170,7 +170,7 @@ class VAE(LatentVariableModel):
         has one."""
         return ("beta", "L") if hasattr(self.decoder, "L") else ("beta",)
 
-    def _hparam_owner(self, name: str) -> tuple[Any, str]:
+    def hparam_owner(self, name: str) -> tuple[Any, str]:
         return (self.decoder, "L") if name == "L" else (self, name)
 
     def schedulable_note(self, name: str) -> str:
