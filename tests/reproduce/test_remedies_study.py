@@ -57,6 +57,21 @@ def test_micro_study_writes_every_row_and_reports_the_unavailable_one(tmp_path, 
         assert (tmp_path / name).stat().st_size > 0
     assert "Expected wall time of the full size on this machine" in report
 
+    # README's remedies block holds the summary, both tables and the unavailable rows, verbatim.
+    from ilvae.reproduce import readme
+
+    readme_file = tmp_path / "README.md"
+    readme_file.write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\n"
+                           "<!-- remedies:begin -->\nold\n<!-- remedies:end -->\nend\n")
+    monkeypatch.chdir(tmp_path)
+    assert readme.main([str(tmp_path), "--remedies", str(tmp_path),
+                        "--readme", str(readme_file)]) == 0
+    block = readme_file.read_text().split("<!-- remedies:begin -->")[1]
+    assert "old" not in block
+    for heading in (*remedies.TABLE_HEADINGS, remedies.UNAVAILABLE_HEADING):
+        body = report.split(f"\n## {heading}\n")[1].split("\n## ")[0].split("\n![")[0]
+        assert f"**{heading}**" in block and body.strip() in block
+
 
 def _row(kl=10.0, au=16, mi=3.0, per_dim=None):
     per_dim = per_dim or [kl / 16] * 16
@@ -97,6 +112,19 @@ def test_checks_against_the_vae_compare_with_its_row():
     # Without the VAE row the comparison is not made at all.
     assert _verdicts({"r": _row()}, *claims) == []
     assert _verdicts({"r": _row(au=15)}, Claim("all_active", "all")) == [False]
+
+
+def test_more_mi_at_the_estimator_cap_is_compared_as_a_tie():
+    rows = [Remedy("r", "", claims=(Claim("more_mi_than_vae", "mi"),))]
+    cap = math.log(1000)
+    at_cap = {"vae": _row(mi=cap - 0.03), "r": _row(mi=cap - 0.05)}
+    assert [a for _, a, _ in remedies.check(at_cap, rows, mi_cap=cap)] == [True]
+    # Far below the cap, the same deficit is a disagreement ...
+    below = {"vae": _row(mi=3.0), "r": _row(mi=2.98)}
+    assert [a for _, a, _ in remedies.check(below, rows, mi_cap=cap)] == [False]
+    # ... and at the cap a clear deficit still is one.
+    lower = {"vae": _row(mi=cap - 0.03), "r": _row(mi=cap - 0.5)}
+    assert [a for _, a, _ in remedies.check(lower, rows, mi_cap=cap)] == [False]
 
 
 def test_a_row_lacking_a_part_or_an_argument_is_unavailable():
