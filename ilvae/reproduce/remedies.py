@@ -71,7 +71,7 @@ MI_SATURATED, MI_TIE = 0.1, 0.05
 TABLE_HEADINGS = ("Shallow decoder (one hidden layer)", "Deep decoder (Dai et al. 2020)")
 UNAVAILABLE_HEADING = "Not available in this build"
 METRICS = ["iw_nll", "iw_nll_binarized", "elbo", "kl", "active_units", "mutual_info",
-           "epsilon_collapsed", "fid", "seconds_per_epoch"]
+           "epsilon_collapsed", "fid_classifier", "seconds_per_epoch"]
 
 
 # ------------------------------------------------------------------ the rows
@@ -284,7 +284,7 @@ def _train_and_score(ctx: StudyContext, job: Job, x_test: torch.Tensor, size: di
     with torch.no_grad():
         z = torch.randn(size["fid_samples"], LATENT, generator=gen)
         samples = model.decoder.mean(z).reshape(-1, *dm.data_shape).clamp(0, 1)
-    metrics["fid"] = compute_fid(x_test, samples, weights_path=classifier)
+    metrics["fid_classifier"] = compute_fid(x_test, samples, weights_path=classifier)
     likelihood = type(model.decoder.likelihood).__name__
     return {"remedy": remedy.name, "regime": job.regime, "decoder_depth": job.depth,
             "status": "ok", "seed": job.seed, "epochs": size["epochs"],
@@ -379,7 +379,7 @@ def run(ctx: StudyContext) -> None:
     from ilvae.fid import train_feature_classifier
 
     size = _size(ctx.quick)
-    n_jobs = ctx.options.get("jobs") or 1
+    n_jobs = ctx.options.get("jobs", 1)
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
         check("jobs", n_jobs, "a positive integer")
     seeds = [ctx.seed + i for i in range(size["seeds"])]
@@ -435,7 +435,7 @@ def _report(ctx, rows, missing, summary, size, seeds, regimes, clf) -> None:
             f"`{name}` ({reason})" for name, reason in missing.items()))
     size_note = (f"Mean ± standard deviation over seeds {seeds}; {size['epochs']} epochs; test "
                  f"split (1,000 images), IW-NLL with K = {size['iw_samples']} on the first "
-                 f"{size['iw_images']} test images; FID-type score (`fid`) of "
+                 f"{size['iw_images']} test images; FID-type score (`fid_classifier`) of "
                  f"{size['fid_samples']} prior samples against the test images, features of a "
                  f"classifier trained here on the training split ({size['classifier_epochs']} "
                  f"epochs, training accuracy {clf.metadata.get('train_accuracy', math.nan):.3f})."

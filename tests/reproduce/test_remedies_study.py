@@ -33,7 +33,7 @@ def test_micro_study_writes_every_row_and_reports_the_unavailable_one(tmp_path, 
         ("deep", "free_bits"), ("deep", "vae"), ("shallow", "free_bits"), ("shallow", "vae")]
     for r in runs:
         assert {"iw_nll", "iw_nll_binarized", "elbo", "kl", "active_units", "mutual_info",
-                "epsilon_collapsed", "fid", "seconds_per_epoch", "kl_per_dim"} <= set(r)
+                "epsilon_collapsed", "fid_classifier", "seconds_per_epoch", "kl_per_dim"} <= set(r)
         assert r["status"] == "ok" and r["decoder_depth"] == (2 if r["regime"] == "deep" else 1)
         # The per-dimension KL sums to the total (independent of how either was reduced).
         assert sum(r["kl_per_dim"]) == pytest.approx(r["kl"], rel=1e-6)
@@ -145,3 +145,12 @@ def test_every_row_of_the_issue_is_in_the_table_with_known_claim_kinds():
     for r in remedies.remedies():
         assert all(c.kind in remedies.CLAIM_KINDS and (c.kind.endswith("_than_vae")
                    or c.kind == "all_active" or not math.isnan(c.value)) for c in r.claims)
+
+
+@pytest.mark.parametrize("jobs", [0, -2, 1.5, True])
+def test_jobs_must_be_a_positive_integer_before_anything_trains(tmp_path, jobs):
+    from ilvae.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"^jobs=.* is not allowed: expected a positive"):
+        reproduce.run_study("remedies", tmp_path, quick=True, jobs=jobs)
+    assert not (tmp_path / "runs").exists()
