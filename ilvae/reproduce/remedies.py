@@ -217,7 +217,8 @@ def _size(quick: bool) -> dict[str, Any]:
     return {"epochs": 8 if quick else 40, "seeds": 1 if quick else 3,
             "iw_samples": 50 if quick else 500, "iw_images": 300 if quick else 1000,
             "fid_samples": 1000, "classifier_epochs": 3 if quick else 15, "width": WIDTH,
-            "deep_depth": DEEP_DEPTH, "trainer": {}}
+            "deep_depth": DEEP_DEPTH, "timing_steps": 20, "timing_rounds": 2 if quick else 3,
+            "trainer": {}}
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,24 @@ def summarise(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any
     return out
 
 
+def step_times(rows: list[Remedy], regimes: list[tuple[str, int]], dm,
+               size: dict[str, Any]) -> dict[tuple[str, str], float]:
+    """Median seconds per training step of every (regime, row), measured in rounds that visit
+    every model in turn, so that a change of load on a shared machine hits all rows alike."""
+    from ilvae.reproduce.common import step_seconds
+
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(size["timing_rounds"]):
+        for regime, depth in regimes:
+            for remedy in rows:
+                torch.manual_seed(0)
+                model = build_model(remedy, dm.data_shape, [size["width"]] * depth,
+                                    size["width"])
+                times.setdefault((regime, remedy.name), []).append(
+                    step_seconds(model, dm, steps=size["timing_steps"]))
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
 # ------------------------------------------------------------------ checks
 def check(summary: dict[str, dict[str, Any]], rows: list[Remedy], latent: int = LATENT,
           mi_cap: float = math.inf) -> list[tuple[str, bool, str]]:
@@ -402,7 +421,8 @@ def run(ctx: StudyContext) -> None:
     keep = keep[:size.get("classifier_images")]
     clf = train_feature_classifier(x_train[keep], y_train[keep], path=classifier,
                                    seed=ctx.seed, epochs=size["classifier_epochs"])
-    classifier_seconds = time.time() - start
+    classifier_seconds = (time.time() - start) * _size(False)["classifier_epochs"] / \
+        size["classifier_epochs"]
 
     jobs = [Job(r, regime, depth, seed) for regime, depth in regimes for r in ready
             for seed in seeds]
@@ -411,6 +431,10 @@ def run(ctx: StudyContext) -> None:
     for run_row in runs:
         ctx.add_row(part="run", **run_row)
     summary = summarise(runs)
+    start = time.time()
+    for key, seconds in step_times(ready, regimes, dm, size).items():
+        summary[key]["step_ms"] = 1e3 * seconds
+    timing_seconds = time.time() - start
     for row in summary.values():
         ctx.add_row(part="summary", **{k: v for k, v in row.items() if k not in METRICS},
                     status="ok")
@@ -420,7 +444,8 @@ def run(ctx: StudyContext) -> None:
                         status="unavailable", reason=reason)
     _report(ctx, rows, missing, summary, dict(size, test_images=len(x_test)), seeds, regimes,
             clf)
-    _full_size(ctx, size, runs, len(missing), classifier_seconds)
+    _full_size(ctx, size, runs, len(missing), classifier_seconds + timing_seconds
+               * _size(False)["timing_rounds"] / size["timing_rounds"])
 
 
 def _report(ctx, rows, missing, summary, size, seeds, regimes, clf) -> None:
@@ -443,13 +468,17 @@ def _report(ctx, rows, missing, summary, size, seeds, regimes, clf) -> None:
                  "binarisation of the test images. AR-ELBO's likelihood is Gaussian: its "
                  "`iw_nll` and `elbo` are densities, not comparable with the Bernoulli rows "
                  "(its KL, MI, active units and FID are). Mutual information is the "
-                 f"whole-test-set estimator, capped at log {n_test} = {math.log(n_test):.2f} nats.")
+                 f"whole-test-set estimator, capped at log {n_test} = {math.log(n_test):.2f} nats."
+                 " `seconds_per_epoch`: wall time of each training run's epochs (validation "
+                 "included); `step_ms`: median time of one training step (model only, no "
+                 f"callbacks), over {size['timing_rounds']} rounds of {size['timing_steps']} "
+                 "steps that visit every row in turn.")
     if ctx.quick:
         full = _size(False)
         size_note += (" Quick size: one seed, fewer epochs, smaller K and fewer IW images "
                       f"than the full size ({full['seeds']} seeds, {full['epochs']} epochs, K = "
                       f"{full['iw_samples']} on {full['iw_images']:,} images).")
-    columns = ["remedy", *METRICS]
+    columns = ["remedy", *METRICS, "step_ms"]
     for regime, depth in regimes:
         table = [summary[(regime, r.name)] for r in rows if (regime, r.name) in summary]
         heading = TABLE_HEADINGS[0] if regime == "shallow" else TABLE_HEADINGS[1]
@@ -469,16 +498,17 @@ def _report(ctx, rows, missing, summary, size, seeds, regimes, clf) -> None:
 
 
 def _full_size(ctx: StudyContext, size: dict[str, Any], runs: list[dict[str, Any]],
-               n_missing: int, classifier_seconds: float) -> None:
+               n_missing: int, fixed_seconds: float) -> None:
     """Training time × epochs and seeds, evaluation time × (K · IW images), for every row;
-    rows not available here counted at the mean cost of the available rows of their regime."""
+    rows not available here counted at the mean cost of the available rows of their regime;
+    plus ``fixed_seconds`` (the classifier and the step timing, already at full size)."""
     full = _size(False)
     train = {n: t for n, t, _ in ctx.timings}
     seeds = size["seeds"]
     scale_train = full["epochs"] / size["epochs"] * full["seeds"] / seeds
     scale_eval = (full["iw_samples"] * full["iw_images"]) / \
         (size["iw_samples"] * size["iw_images"]) * full["seeds"] / seeds
-    total = classifier_seconds * full["classifier_epochs"] / size["classifier_epochs"]
+    total = fixed_seconds
     for regime in {r["regime"] for r in runs}:
         costs = [train.get(f"{regime}_{r['remedy']}_seed{r['seed']}", 0.0) * scale_train
                  + r["eval_seconds"] * scale_eval for r in runs if r["regime"] == regime]

@@ -12,7 +12,7 @@ from ilvae.reproduce.remedies import Claim, Remedy
 
 _MICRO = {"epochs": 1, "seeds": 1, "iw_samples": 3, "iw_images": 10, "test_images": 100,
           "fid_samples": 100, "classifier_epochs": 1, "classifier_images": 300, "width": 16,
-          "deep_depth": 2,
+          "deep_depth": 2, "timing_steps": 2, "timing_rounds": 1,
           "trainer": {"limit_train_batches": 2, "limit_val_batches": 1}}
 
 
@@ -44,6 +44,7 @@ def test_micro_study_writes_every_row_and_reports_the_unavailable_one(tmp_path, 
                if r["part"] == "summary" and r["regime"] == "shallow" and r["status"] == "ok"}
     run = next(r for r in runs if r["regime"] == "shallow" and r["remedy"] == "free_bits")
     assert summary["free_bits"]["kl_mean"] == pytest.approx(run["kl"])
+    assert all(r["step_ms"] > 0 for r in summary.values())
 
     report = (tmp_path / "report.md").read_text()
     assert "## Not available in this build" in report and "`not_built`" in report
