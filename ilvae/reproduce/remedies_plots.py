@@ -24,19 +24,23 @@ def nll_against_mi(ctx: StudyContext, summary: dict[tuple[str, str], dict[str, A
     (mean over seeds, bars: standard deviation), one panel per regime."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4.2), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    markers = "os^vDP*Xhp<>"
     for ax, (regime, depth) in zip(axes[0], regimes, strict=True):
-        for name in names:
+        for i, name in enumerate(names):
             row = summary.get((regime, name))
             if row is None or row["likelihood"] != "Bernoulli":
                 continue
-            x, y = row["mutual_info_mean"], row["iw_nll_mean"]
             xerr = 0.0 if math.isnan(row["mutual_info_sd"]) else row["mutual_info_sd"]
             yerr = 0.0 if math.isnan(row["iw_nll_sd"]) else row["iw_nll_sd"]
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=2)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            # The same colour and marker for a remedy in every panel.
+            ax.errorbar(row["mutual_info_mean"], row["iw_nll_mean"], xerr=xerr, yerr=yerr,
+                        fmt=markers[i % len(markers)], color=colors[i % len(colors)],
+                        capsize=2, label=name)
         ax.set_xlabel("mutual information I(x; z) (nats)")
         ax.set_ylabel("test IW-NLL, grey levels (nats)")
         ax.set_title(f"{regime} decoder ({depth} hidden layer{'s' if depth > 1 else ''})")
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     ctx.add_plot(fig, "nll_vs_mi", "The trade-off each remedy makes: test IW-NLL (lower is "
                  "better) against the mutual information between x and z (higher: less "
