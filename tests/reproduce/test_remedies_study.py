@@ -7,8 +7,8 @@ import math
 import pytest
 
 from ilvae import reproduce
-from ilvae.reproduce import remedies
-from ilvae.reproduce.remedies import Claim, Remedy
+from ilvae.reproduce import remedies, remedy_rows
+from ilvae.reproduce.remedy_rows import Claim, Remedy
 
 _MICRO = {"epochs": 1, "seeds": 1, "iw_samples": 3, "iw_images": 10, "test_images": 100,
           "fid_samples": 100, "classifier_epochs": 1, "classifier_images": 300, "width": 16,
@@ -22,7 +22,7 @@ def _findings(report: str) -> dict[str, bool]:
 
 
 def test_micro_study_writes_every_row_and_reports_the_unavailable_one(tmp_path, monkeypatch):
-    rows = [r for r in remedies.remedies() if r.name in ("vae", "free_bits")]
+    rows = [r for r in remedy_rows.remedies() if r.name in ("vae", "free_bits")]
     rows.append(Remedy("not_built", "a decoder this build lacks", decoder="no_such_decoder"))
     monkeypatch.setattr(remedies, "_size", lambda quick: dict(_MICRO))
     monkeypatch.setattr(remedies, "remedies", lambda: rows)
@@ -48,12 +48,12 @@ def test_micro_study_writes_every_row_and_reports_the_unavailable_one(tmp_path, 
 
     report = (tmp_path / "report.md").read_text()
     assert "## Not available in this build" in report and "`not_built`" in report
-    lam = remedies.FREE_BITS
+    lam = remedy_rows.FREE_BITS
     findings = _findings(report)
     for regime in ("shallow", "deep"):
         kl = next(r for r in runs if r["regime"] == regime and r["remedy"] == "free_bits")
         claim = f"{regime} decoder: free bits: every dimension's KL ≥ λ = {lam:g} nats"
-        assert findings[claim] == (min(kl["kl_per_dim"]) >= lam * (1 - remedies.FLOOR_SLACK))
+        assert findings[claim] == (min(kl["kl_per_dim"]) >= lam * (1 - remedy_rows.FLOOR_SLACK))
     for name in ("nll_vs_mi.png", "kl_per_dimension.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "Expected wall time of the full size on this machine" in report
@@ -82,7 +82,7 @@ def _row(kl=10.0, au=16, mi=3.0, per_dim=None):
 
 def _verdicts(summary, *claims):
     rows = [Remedy("r", "", claims=claims)]
-    return [agrees for _, agrees, _ in remedies.check(summary, rows)]
+    return [agrees for _, agrees, _ in remedy_rows.check(summary, rows)]
 
 
 def test_floor_checks_fail_below_the_floor_and_pass_above():
@@ -119,32 +119,32 @@ def test_more_mi_at_the_estimator_cap_is_compared_as_a_tie():
     rows = [Remedy("r", "", claims=(Claim("more_mi_than_vae", "mi"),))]
     cap = math.log(1000)
     at_cap = {"vae": _row(mi=cap - 0.03), "r": _row(mi=cap - 0.05)}
-    assert [a for _, a, _ in remedies.check(at_cap, rows, mi_cap=cap)] == [True]
+    assert [a for _, a, _ in remedy_rows.check(at_cap, rows, mi_cap=cap)] == [True]
     # Far below the cap, the same deficit is a disagreement ...
     below = {"vae": _row(mi=3.0), "r": _row(mi=2.98)}
-    assert [a for _, a, _ in remedies.check(below, rows, mi_cap=cap)] == [False]
+    assert [a for _, a, _ in remedy_rows.check(below, rows, mi_cap=cap)] == [False]
     # ... and at the cap a clear deficit still is one.
     lower = {"vae": _row(mi=cap - 0.03), "r": _row(mi=cap - 0.5)}
-    assert [a for _, a, _ in remedies.check(lower, rows, mi_cap=cap)] == [False]
+    assert [a for _, a, _ in remedy_rows.check(lower, rows, mi_cap=cap)] == [False]
 
 
 def test_a_row_lacking_a_part_or_an_argument_is_unavailable():
-    assert remedies.unavailable(Remedy("vae", "")) is None
-    assert "no_such_decoder" in remedies.unavailable(Remedy("x", "", decoder="no_such_decoder"))
-    reason = remedies.unavailable(Remedy("x", "", encoder_args={"no_such_argument": 1}))
+    assert remedy_rows.unavailable(Remedy("vae", "")) is None
+    assert "no_such_decoder" in remedy_rows.unavailable(Remedy("x", "", decoder="no_such_decoder"))
+    reason = remedy_rows.unavailable(Remedy("x", "", encoder_args={"no_such_argument": 1}))
     assert "no_such_argument" in reason
-    reason = remedies.unavailable(Remedy("x", "", callbacks=(("ilvae.callbacks.Nothing",
+    reason = remedy_rows.unavailable(Remedy("x", "", callbacks=(("ilvae.callbacks.Nothing",
                                                               lambda n: {}),)))
     assert "Nothing" in reason
 
 
 def test_every_row_of_the_issue_is_in_the_table_with_known_claim_kinds():
-    names = [r.name for r in remedies.remedies()]
+    names = [r.name for r in remedy_rows.remedies()]
     assert names == ["vae", "beta_vae", "kl_annealing", "cyclical", "free_bits", "target_kl",
                      "lagging", "bn_vae", "delta_vae", "skip_vae", "mmd_vae", "ar_elbo",
                      "lidvae", "il_lidvae"]
-    for r in remedies.remedies():
-        assert all(c.kind in remedies.CLAIM_KINDS and (c.kind.endswith("_than_vae")
+    for r in remedy_rows.remedies():
+        assert all(c.kind in remedy_rows.CLAIM_KINDS and (c.kind.endswith("_than_vae")
                    or c.kind == "all_active" or not math.isnan(c.value)) for c in r.claims)
 
 
