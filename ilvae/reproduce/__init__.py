@@ -24,6 +24,7 @@ STUDIES = {
     "conditional": "ilvae.reproduce.conditional",
     "hierarchical": "ilvae.reproduce.hierarchical",
     "il-ablation": "ilvae.reproduce.il_ablation",
+    "remedies": "ilvae.reproduce.remedies",
 }
 
 
@@ -68,12 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="allow writing into a directory that already holds a report "
                         "(the old report and results are renamed, never deleted)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="training runs at a time, for the studies that map over runs "
+                        "(remedies)")
     parser.add_argument("--data-root", default=None,
                         help="where MNIST / Fashion-MNIST are (or are downloaded to)")
     args = parser.parse_args(argv)
     try:
         ctx = run_study(args.study, args.out, quick=args.quick, seed=args.seed, force=args.force,
-                        data_root=args.data_root)
+                        data_root=args.data_root, jobs=args.jobs)
     except ConfigurationError as exc:
         print(f"ilvae: error: {exc}", file=sys.stderr)
         return 2

@@ -287,7 +287,7 @@ def step_seconds(model: L.LightningModule, datamodule: Any, steps: int = 20,
 
 @torch.no_grad()
 def evaluate(model: Any, x: torch.Tensor, iw_samples: int = 100, fisher: bool = False,
-             max_iw: int = 2000) -> dict[str, float]:
+             max_iw: int = 2000, per_dimension: bool = False) -> dict[str, Any]:
     """Collapse metrics of a trained model on data ``x`` (see :mod:`ilvae.metrics`).
 
     ``elbo`` (one draw z ~ q(z|x) per example, closed-form KL, mean over x) and ``iw_nll``
@@ -295,7 +295,8 @@ def evaluate(model: Any, x: torch.Tensor, iw_samples: int = 100, fisher: bool = 
     Bernoulli likelihood these are the grey-level values. A Bernoulli model is also scored on
     the fixed binarisation :func:`~ilvae.likelihoods.binarize_fixed` of x, the numbers the
     literature reports: ``elbo_binarized`` and ``iw_nll_binarized``. The KL metrics (``kl``,
-    ``epsilon_collapsed``) are measured against the model's own N(0, η² I) prior.
+    ``epsilon_collapsed``) are measured against the model's own N(0, η² I) prior;
+    ``per_dimension=True`` adds ``kl_per_dim``, the list (kl_1, …, kl_m) whose sum is ``kl``.
     """
     from ilvae.likelihoods import Bernoulli, binarize_fixed
     from ilvae.metrics import (
@@ -315,9 +316,12 @@ def evaluate(model: Any, x: torch.Tensor, iw_samples: int = 100, fisher: bool = 
     au, mi, eps = ActiveUnits(), MutualInformation(), EpsilonCollapse(prior_scale=eta)
     for metric in (kl, au, mi, eps):
         metric.update(posterior)
-    out = {"elbo": _elbo(model, x, posterior), "kl": float(kl.compute()["kl"]),
+    kl_value = kl.compute()
+    out = {"elbo": _elbo(model, x, posterior), "kl": float(kl_value["kl"]),
            "mutual_info": float(mi.compute()), "active_units": int(au.compute()),
            "epsilon_collapsed": int(eps.compute()["epsilon_collapsed"])}
+    if per_dimension:
+        out["kl_per_dim"] = [float(v) for v in kl_value["kl_per_dim"]]
     if iw_samples:
         iw = ImportanceWeightedNLL(num_samples=iw_samples)
         iw.update(x[:max_iw], model)

@@ -9,7 +9,10 @@ table and first plot (copied to ``docs/``); with ``--studies``, the block betwee
 agree, wall time, expected full-size time, the claims that disagree); with ``--il-ablation
 DIR2`` (written by `ilvae reproduce il-ablation --out DIR2`), the block between
 ``<!-- il-ablation:begin -->`` and ``<!-- il-ablation:end -->`` gets that report's summary and
-tables. The numbers in the README are exactly those of the runs that wrote the reports.
+tables, and with ``--remedies DIR3`` (written by `ilvae reproduce remedies --out DIR3`) the block
+between ``<!-- remedies:begin -->`` and ``<!-- remedies:end -->`` gets the remedies report's
+summary, its two tables and the rows this build lacks. The numbers in the README are exactly
+those of the runs that wrote the reports.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ STUDIES_BEGIN, STUDIES_END = "<!-- studies:begin -->", "<!-- studies:end -->"
 IL_BEGIN, IL_END = "<!-- il-ablation:begin -->", "<!-- il-ablation:end -->"
 #: Sections of the il-ablation report copied into README.md.
 IL_SECTIONS = ("Ablation: one change at a time", "Defaults against the MLP decoder")
+REMEDIES_BEGIN, REMEDIES_END = "<!-- remedies:begin -->", "<!-- remedies:end -->"
 _SUMMARY = "## Summary: agreement with the papers and closed forms"
 
 
@@ -44,15 +48,26 @@ def block(report_dir: Path, docs: Path) -> str:
     return "\n".join(out)
 
 
-def sections_block(report_dir: Path, headings: tuple[str, ...]) -> str:
-    """The report's size, command and summary table, then the named ``## `` sections."""
+def remedies_sections() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) sections of the remedies report copied into README.md."""
+    from ilvae.reproduce import remedies
+
+    return remedies.TABLE_HEADINGS, (remedies.UNAVAILABLE_HEADING,)
+
+
+def sections_block(report_dir: Path, headings: tuple[str, ...],
+                   optional: tuple[str, ...] = ()) -> str:
+    """The report's size, command and summary table, then the named ``## `` sections (those in
+    ``optional`` only when the report has them)."""
     report = (report_dir / "report.md").read_text()
     size = re.search(r"^Size: .*$", report, re.M).group(0)
     command = re.search(r"^Command: .*$", report, re.M).group(0)
     summary = report.split(_SUMMARY)[1].split("\n## ")[0].strip()
     out = [size, "", command, "", summary, ""]
-    for heading in headings:
+    for heading in (*headings, *optional):
         marker = f"\n## {heading}\n"
+        if marker not in report and heading in optional:
+            continue
         if marker not in report:
             raise SystemExit(f"{report_dir / 'report.md'} has no section '{heading}'")
         body = report.split(marker, 1)[1].split("\n## ")[0].split("\n![")[0].strip()
@@ -99,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="report directories summarised one line each")
     parser.add_argument("--il-ablation", type=Path, default=None,
                         help="report directory of `ilvae reproduce il-ablation`")
+    parser.add_argument("--remedies", type=Path, default=None,
+                        help="report directory of `ilvae reproduce remedies`")
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     args = parser.parse_args(argv)
     text = args.readme.read_text()
@@ -109,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.il_ablation:
         text = _replace(text, IL_BEGIN, IL_END, sections_block(args.il_ablation, IL_SECTIONS),
                         args.readme)
+    if args.remedies:
+        text = _replace(text, REMEDIES_BEGIN, REMEDIES_END,
+                        sections_block(args.remedies, *remedies_sections()), args.readme)
     args.readme.write_text(text)
     print(f"updated {args.readme} from {args.report_dir / 'report.md'}"
           + (f" and {len(args.studies)} study reports" if args.studies else ""))
