@@ -1,7 +1,7 @@
 """A figure of a model's prior samples and reconstructions, for the README.
 
     python -m ilvae.reproduce.samples_figure --config configs/quickstart.yaml \\
-        --epochs 8 --out docs/quickstart_samples.png
+        --out docs/quickstart_samples.png
 
 Trains ``--config`` for ``--epochs`` epochs through the ``ilvae fit`` command (in a temporary
 run directory, without logger, checkpoints or the config's callbacks), then draws the pictures
@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 
 
-def train(config: str, epochs: int, root: str):
-    """The model and datamodule of ``config`` after ``epochs`` epochs of ``ilvae fit``."""
+def train(config: str, epochs: int | None, root: str):
+    """The model and datamodule of ``config`` after ``epochs`` epochs of ``ilvae fit`` (None:
+    the config's own ``max_epochs``)."""
     from ilvae.cli import run
 
-    cli = run(["fit", "--config", config, f"--trainer.max_epochs={epochs}",
+    epochs_arg = [] if epochs is None else [f"--trainer.max_epochs={epochs}"]
+    cli = run(["fit", "--config", config, *epochs_arg,
                f"--trainer.default_root_dir={root}", "--trainer.logger=false",
                "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ilvae.reproduce.samples_figure",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="an `ilvae fit` config (images)")
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs (default: the config's max_epochs)")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--force", action="store_true",
                         help="rename an existing --out to NAME.previous.png instead of stopping")
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         model, datamodule = train(args.config, args.epochs, root)
     with torch.random.fork_rng():
         fig = figure(model, datamodule,
-                     title=f"{Path(args.config).name}, {args.epochs} epochs")
+                     title=f"{Path(args.config).name}, {model.trainer.current_epoch} epochs")
     if out.exists():
         out.rename(_free_name(out))
     out.parent.mkdir(parents=True, exist_ok=True)
