@@ -358,7 +358,7 @@ def argument_error_line(exc: BaseException) -> str:
     for pattern in _UNKNOWN:
         match = pattern.search(text)
         if match and field:
-            return (f"{field}={match.group(1)!r} is unknown; choose one of "
+            return (f"{field}={match.group(1)!r} is not allowed: expected one of "
                     f"{_known_names(field)}, or a class path 'package.module.Class'")
     option = _NOT_ACCEPTED.search(text)
     if option and field:

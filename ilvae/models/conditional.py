@@ -16,7 +16,7 @@ from ilvae._config import build_component
 from ilvae.decoders.base import Decoder, DecoderCallable
 from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import Encoder, EncoderCallable, MLPEncoder, check_hidden
-from ilvae.errors import ConfigurationError, check_number
+from ilvae.errors import ConfigurationError, check, check_number
 from ilvae.models.base import LatentVariableModel
 from ilvae.models.contract import LatentTerm
 from ilvae.objectives import beta_vae_loss
@@ -126,8 +126,7 @@ class ConditionalVAE(LatentVariableModel):
                                      "positive integer")
         m, dx, dy = int(latent_dim), math.prod(x_shape), math.prod(y_shape)
         if prior not in ("standard", "learned"):
-            raise ConfigurationError(f"prior={prior!r} is not allowed: choose 'standard' or "
-                                     "'learned'")
+            check("prior", prior, "'standard' or 'learned'")
         eta_enc = check_number("eta_enc", eta_enc, strict=True)
         if prior == "learned" and eta_enc != 1.0:
             raise ConfigurationError("eta_enc is the std of the standard prior: leave it out "

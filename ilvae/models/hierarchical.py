@@ -16,7 +16,7 @@ from torch.distributions import Normal
 from ilvae.decoders.base import DecoderCallable
 from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import EncoderCallable, MLPEncoder, check_hidden, make_activation
-from ilvae.errors import ConfigurationError, check_number
+from ilvae.errors import ConfigurationError, check, check_number
 from ilvae.metrics import ActiveUnits, KLPerDimension
 from ilvae.models.base import LatentVariableModel
 from ilvae.models.contract import LatentTerm, two_level_terms
@@ -208,7 +208,7 @@ class HierarchicalVAE(LatentVariableModel):
         decreases to it as K grows. Runs in evaluation mode (each module's flag is restored)."""
         k_total = self.num_iw_samples if num_samples is None else int(num_samples)
         if k_total < 1:
-            raise ValueError(f"num_samples must be >= 1, got {k_total}")
+            check("num_samples", num_samples, "an integer >= 1 or None")
         modules = list(self.modules())
         flags = [m.training for m in modules]
         self.eval()
