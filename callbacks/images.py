@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
+from ilvae.errors import check_int
+
 
 def tensorboard(trainer: L.Trainer):
     """The ``SummaryWriter`` of the first TensorBoard logger, or None."""
@@ -35,9 +37,8 @@ class ImageLogger(L.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 32, seed: int = 0) -> None:
-        if every_n_epochs < 1 or num_images < 1:
-            raise ValueError("every_n_epochs and num_images must be positive integers, got "
-                             f"{every_n_epochs} and {num_images}")
+        check_int("every_n_epochs", every_n_epochs)
+        check_int("num_images", num_images)
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.seed = seed
