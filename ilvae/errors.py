@@ -59,7 +59,7 @@ def check_number(field: str, value: float, *, minimum: float = 0.0, strict: bool
     ...
     ilvae.errors.ConfigurationError: delta=1.0 is not allowed: expected a number in [0, 1)
     """
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     ok = ok and math.isfinite(value) and (value > minimum if strict else value >= minimum)
     if maximum is not None:
         ok = ok and (value < maximum if strict_maximum else value <= maximum)
