@@ -39,13 +39,14 @@ GAUSS = ["--model.decoder=mlp", "--model.decoder.likelihood=gaussian"]
 
 
 @pytest.mark.parametrize("args,expected", [
-    ([*IL, "--model.decoder.L=-1"], ["L", "-1", ">= 0"]),
+    ([*IL, "--model.decoder.L=-1"], ["L=-1.0 is not allowed: expected a finite number >= 0"]),
     ([*IL, "--model.decoder.L=nan"], ["model.decoder.L='nan'", "finite number"]),
-    ([*LIP, "--model.decoder.K=-2"], ["K", "-2", "> 0"]),
+    ([*LIP, "--model.decoder.K=-2"], ["K=-2.0 is not allowed: expected a finite number > 0"]),
     ([*LIP, "--model.decoder.K=inf"], ["model.decoder.K='inf'", "finite number"]),
     (["--model.beta=-0.5"], ["beta=-0.5", ">= 0"]),
     (["--model.beta=-inf"], ["model.beta='-inf'", "finite number"]),
-    ([*GAUSS, "--model.decoder.sigma=0"], ["sigma", "0", "> 0"]),
+    ([*GAUSS, "--model.decoder.sigma=0"],
+     ["sigma=0.0 is not allowed: expected a finite number > 0"]),
     ([*GAUSS, "--model.decoder.sigma=nan"], ["model.decoder.sigma='nan'", "finite number"]),
     (["--model.latent_dim=0"], ["latent_dim=0", "positive integer"]),
     (["--model.latent_dim=-4"], ["latent_dim=-4", "positive integer"]),
