@@ -188,10 +188,9 @@ class _SetsHyperParameter(Callback):
         names = tuple(getattr(pl_module, "schedulable", ()))
         if self.target not in names:
             note = getattr(pl_module, "schedulable_note", lambda _: "")(self.target)
-            raise ConfigurationError(
-                f"{name}: target={self.target!r} is not allowed: expected one of the "
-                f"hyper-parameters {type(pl_module).__name__} declares schedulable "
-                f"({', '.join(names) or 'none'}){note}")
+            check("target", self.target, f"one of the hyper-parameters "
+                  f"{type(pl_module).__name__} declares schedulable ({', '.join(names) or 'none'})"
+                  f" for {name}{note}")
 
     def _apply(self, pl_module: pl.LightningModule, value: float) -> None:
         pl_module.set_hparam(self.target, value)
@@ -354,10 +353,9 @@ class TargetKLController(_SetsHyperParameter):
         if sign is None:
             sign = 1 if target.startswith("beta") else -1 if target.startswith("L") else None
             if sign is None:
-                raise ConfigurationError(
-                    f"target={target!r} is not allowed without sign: expected a name starting "
-                    "with 'beta' (a KL weight) or 'L' (an inverse-Lipschitz constant), or "
-                    "sign=+1 (a larger value lowers the KL) or sign=-1 (it raises the KL)")
+                check("target", target, "a name starting with 'beta' (a KL weight) or 'L' (an "
+                      "inverse-Lipschitz constant), or a sign: sign=+1 (a larger value lowers "
+                      "the KL) or sign=-1 (it raises the KL)")
         if sign not in (1, -1) or isinstance(sign, bool):
             check("sign", sign, "1 or -1")
         self.sign = int(sign)

@@ -86,10 +86,8 @@ class ConditionalDataModule(VAEDataModule):
         x, y, label = self._check(*self._load_train(), split="training")
         train_index, val_index = self._split_indices(len(x))
         if self.drop_last and len(train_index) < self.batch_size:
-            raise ValueError(
-                f"batch_size={self.batch_size} with drop_last=True leaves no training batch: "
-                f"only {len(train_index)} training examples"
-            )
+            check("batch_size", self.batch_size, f"at most the {len(train_index)} training "
+                  "examples with drop_last=True (else no training batch is left)")
         splits = {
             "train": (x[train_index], y[train_index], label[train_index]),
             "val": (x[val_index], y[val_index], label[val_index]),

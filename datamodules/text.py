@@ -373,9 +373,8 @@ class TextDataModule(VAEDataModule):
                                      split="validation")
                 test = self._load_test()
                 if self.drop_last and len(train[0]) < self.batch_size:
-                    raise ValueError(
-                        f"batch_size={self.batch_size} with drop_last=True leaves no training "
-                        f"batch: only {len(train[0])} training examples")
+                    check("batch_size", self.batch_size, f"at most the {len(train[0])} training "
+                          "examples with drop_last=True (else no training batch is left)")
                 self._splits = {"train": train, "val": val,
                                 "test": val if test is None else self._validate(*test, "test")}
         self._save_vocab()

@@ -161,7 +161,8 @@ def test_drop_last_drops_only_the_incomplete_training_batch():
     dm = Indexed(n=50, batch_size=16, val_fraction=0.0, drop_last=True)
     assert [len(x) for x, _ in dm.train_dataloader()] == [16, 16, 16]
     assert [len(x) for x, _ in dm.test_dataloader()] == [16, 16, 16, 2]
-    with pytest.raises(ValueError, match="batch_size=64 with drop_last=True"):
+    with pytest.raises(ValueError, match=r"^batch_size=64 is not allowed: expected at most "
+                                         "the 45 training examples with drop_last=True"):
         Indexed(n=50, batch_size=64, drop_last=True).setup()
 
 
