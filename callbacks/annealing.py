@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from ilvae.errors import ConfigurationError
+from ilvae.errors import ConfigurationError, check, check_int
 
 SHAPES = ("linear", "cosine", "exponential", "step", "sigmoid")
 Shape = Literal["linear", "cosine", "exponential", "step", "sigmoid"]
@@ -50,29 +50,20 @@ def _number(field: str, value: Any, *, minimum: float | None = 0.0, strict: bool
     if not ok:
         low = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
         high = "" if maximum is None else f" and <= {maximum:g}"
-        raise ConfigurationError(f"{field}={value!r} is not allowed: expected a finite "
-                                 f"number{low}{high}")
+        check(field, value, f"a finite number{low}{high}")
     return float(value)
-
-
-def _integer(field: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{field}={value!r} is not allowed: expected an integer "
-                                 f">= {minimum}")
-    return value
 
 
 def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ConfigurationError(f"{field}={value!r} is not allowed: expected one of "
-                                 f"{', '.join(allowed)}")
+        check(field, value, f"one of {', '.join(allowed)}")
     return value
 
 
 def _name(field: str, value: Any) -> str:
     if not isinstance(value, str) or not value.isidentifier():
-        raise ConfigurationError(f"{field}={value!r} is not allowed: expected the name of a "
-                                 "hyper-parameter the model declares schedulable, e.g. 'beta'")
+        check(field, value, "the name of a hyper-parameter the model declares schedulable, "
+                            "e.g. 'beta'")
     return value
 
 
@@ -82,11 +73,11 @@ def _check_schedule(shape: str, start: float, end: float, length: int, delay: in
         "shape": _choice("shape", shape, SHAPES),
         "start": _number("start", start),
         "end": _number("end", end),
-        "length": _integer("length", length, minimum=1),
-        "delay": _integer("delay", delay, minimum=0),
-        "cycles": _integer("cycles", cycles, minimum=0),
+        "length": check_int("length", length, minimum=1),
+        "delay": check_int("delay", delay, minimum=0),
+        "cycles": check_int("cycles", cycles, minimum=0),
         "ratio": _number("ratio", ratio, strict=True, maximum=1.0),
-        "drops": _integer("drops", drops, minimum=1),
+        "drops": check_int("drops", drops, minimum=1),
         "sharpness": _number("sharpness", sharpness, strict=True),
     }
 
@@ -197,10 +188,9 @@ class _SetsHyperParameter(Callback):
         names = tuple(getattr(pl_module, "schedulable", ()))
         if self.target not in names:
             note = getattr(pl_module, "schedulable_note", lambda _: "")(self.target)
-            raise ConfigurationError(
-                f"{name}: target={self.target!r} is not allowed: expected one of the "
-                f"hyper-parameters {type(pl_module).__name__} declares schedulable "
-                f"({', '.join(names) or 'none'}){note}")
+            check("target", self.target, f"one of the hyper-parameters "
+                  f"{type(pl_module).__name__} declares schedulable ({', '.join(names) or 'none'})"
+                  f" for {name}{note}")
 
     def _apply(self, pl_module: pl.LightningModule, value: float) -> None:
         pl_module.set_hparam(self.target, value)
@@ -363,12 +353,11 @@ class TargetKLController(_SetsHyperParameter):
         if sign is None:
             sign = 1 if target.startswith("beta") else -1 if target.startswith("L") else None
             if sign is None:
-                raise ConfigurationError(
-                    f"target={target!r} is not allowed without sign: expected a name starting "
-                    "with 'beta' (a KL weight) or 'L' (an inverse-Lipschitz constant), or "
-                    "sign=+1 (a larger value lowers the KL) or sign=-1 (it raises the KL)")
+                check("target", target, "a name starting with 'beta' (a KL weight) or 'L' (an "
+                      "inverse-Lipschitz constant), or a sign: sign=+1 (a larger value lowers "
+                      "the KL) or sign=-1 (it raises the KL)")
         if sign not in (1, -1) or isinstance(sign, bool):
-            raise ConfigurationError(f"sign={sign!r} is not allowed: expected 1 or -1")
+            check("sign", sign, "1 or -1")
         self.sign = int(sign)
         self.kp = _number("kp", kp)
         self.ki = _number("ki", ki)
@@ -379,10 +368,9 @@ class TargetKLController(_SetsHyperParameter):
         self.initial = _number("initial", initial, minimum=self.min_value,
                                maximum=self.max_value)
         if not isinstance(kl_key, str) or not kl_key:
-            raise ConfigurationError(f"kl_key={kl_key!r} is not allowed: expected the name of "
-                                     "a logged metric, e.g. 'train/kl'")
+            check("kl_key", kl_key, "the name of a logged metric, e.g. 'train/kl'")
         self.kl_key = kl_key
-        self.update_every = _integer("update_every", update_every, minimum=1)
+        self.update_every = check_int("update_every", update_every, minimum=1)
         self.value = self.initial
         self.integral = 0.0
         self.error: float | None = None

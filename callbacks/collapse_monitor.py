@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 
 from ilvae import loggers
+from ilvae.errors import check
 from ilvae.metrics import (
     ActiveUnits,
     EpsilonCollapse,
@@ -64,9 +65,9 @@ class CollapseMonitor(L.Callback):
                  au_threshold: float = 0.01, max_examples: int | None = 1000,
                  iw_nll: bool = True, relative_fisher: bool = True) -> None:
         if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+            check("every_n_epochs", every_n_epochs, "an integer >= 1")
         if num_iw_samples < 1:
-            raise ValueError(f"num_iw_samples must be >= 1, got {num_iw_samples}")
+            check("num_iw_samples", num_iw_samples, "an integer >= 1")
         self.every_n_epochs = every_n_epochs
         self.max_examples = max_examples
         self.eps, self.delta, self.au_threshold = eps, delta, au_threshold

@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ilvae.errors import ConfigurationError
+from ilvae.errors import check
 
 
 def flush_denormal_enabled() -> bool:
@@ -113,7 +113,7 @@ class FlushDenormals(Callback):
 
     def __init__(self, flush: bool = True) -> None:
         if not isinstance(flush, bool):
-            raise ConfigurationError(f"flush={flush!r} is not allowed: expected true or false")
+            check("flush", flush, "true or false")
         self.flush = flush
         self._previous: bool | None = None
 

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ilvae.errors import ConfigurationError
+from ilvae.errors import ConfigurationError, check, check_int
 from ilvae.fid import (
     CLASSIFIER_EXTRACTOR,
     INCEPTION_EXTRACTOR,
@@ -82,18 +82,14 @@ class FID(Callback):
         for field, value, minimum in (("every_n_epochs", every_n_epochs, 1),
                                       ("num_samples", num_samples, 2),
                                       ("batch_size", batch_size, 1), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigurationError(f"FID {field}={value!r} is not allowed: expected an "
-                                         f"integer >= {minimum}")
+            check_int(field, value, minimum)
         if stage not in _STAGES:
-            raise ConfigurationError(f"FID stage={stage!r} is not allowed: expected one of "
-                                     f"{list(_STAGES)}")
+            check("stage", stage, f"one of {', '.join(_STAGES)}")
         if feature_extractor == CLASSIFIER_EXTRACTOR and weights_path is None:
-            raise ConfigurationError(f"FID feature_extractor={CLASSIFIER_EXTRACTOR!r} needs "
-                                     "weights_path: a classifier file made by `ilvae "
-                                     "fid-classifier --data NAME --out PATH` (or set "
-                                     "train_classifier=True to make it at setup)")
-        self.weights_path = check_feature_extractor(feature_extractor, weights_path, "FID ")
+            check("weights_path", weights_path, "a classifier file made by `ilvae fid-classifier "
+                  f"--data NAME --out PATH` with feature_extractor={CLASSIFIER_EXTRACTOR!r} (or "
+                  "set train_classifier=True to make it at setup)")
+        self.weights_path = check_feature_extractor(feature_extractor, weights_path)
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self.feature_extractor = feature_extractor
@@ -118,12 +114,12 @@ class FID(Callback):
             raise ConfigurationError(f"FID needs image data of shape (C, H, W); the model's "
                                      f"data_shape is {data_shape}")
         if len(datamodule.tensors(self.stage)[0]) < 2:
-            raise ConfigurationError(f"FID stage={self.stage!r}: that split has fewer than 2 "
-                                     "images; choose another stage")
+            check("stage", self.stage, "a split with at least 2 images")
         path = self.weights_path
         if path is not None and not os.path.isfile(path):
             if self.feature_extractor != CLASSIFIER_EXTRACTOR or not self.train_classifier:
-                raise ConfigurationError(f"FID weights_path={path!r} is not a file")
+                check("weights_path", path, "an existing file (or train_classifier=True with "
+                      f"feature_extractor={CLASSIFIER_EXTRACTOR!r})")
             if trainer.is_global_zero:
                 x, y = datamodule.tensors("train")
                 train_feature_classifier(x, y, num_classes=getattr(datamodule, "num_classes",
@@ -133,8 +129,8 @@ class FID(Callback):
             trained_on = load_feature_classifier(path).input_shape
             channels = {trained_on[0], data_shape[0]}
             if len(channels) > 1 and channels != {1, 3}:
-                raise ConfigurationError(f"FID weights_path={path!r}: classifier images "
-                                         f"{trained_on} cannot take data of shape {data_shape}")
+                check("weights_path", path, f"a classifier of images with the data's "
+                      f"{data_shape[0]} channels (1 and 3 convert); it takes {trained_on}")
             if trained_on != data_shape:
                 rank_zero_warn(f"FID classifier {path!r} was trained on images {trained_on}, the "
                                f"data are {data_shape}: images will be converted")

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
 from ilvae import loggers
-from ilvae.errors import check
+from ilvae.errors import check, check_int
 
 #: Shorter side, in pixels, that an image reaches at least under the default upscaling.
 READABLE_PIXELS = 112
@@ -64,9 +64,8 @@ class ImageLogger(L.Callback):
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 32, seed: int = 0,
                  upscale: int | None = None) -> None:
-        if every_n_epochs < 1 or num_images < 1:
-            raise ValueError("every_n_epochs and num_images must be positive integers, got "
-                             f"{every_n_epochs} and {num_images}")
+        check_int("every_n_epochs", every_n_epochs)
+        check_int("num_images", num_images)
         if upscale is not None and (isinstance(upscale, bool) or not isinstance(upscale, int)
                                     or upscale < 1):
             check("upscale", upscale, "a positive integer, or null for the automatic factor")

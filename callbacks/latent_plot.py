@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ilvae import loggers
+from ilvae.errors import check_int
 
 
 class LatentPlot(L.Callback):
@@ -24,9 +25,8 @@ class LatentPlot(L.Callback):
 
     def __init__(self, every_n_epochs: int = 1, num_points: int = 2000,
                  dims: tuple[int, int] = (0, 1)) -> None:
-        if every_n_epochs < 1 or num_points < 1:
-            raise ValueError("every_n_epochs and num_points must be positive integers, got "
-                             f"{every_n_epochs} and {num_points}")
+        check_int("every_n_epochs", every_n_epochs)
+        check_int("num_points", num_points)
         self.every_n_epochs = every_n_epochs
         self.num_points = num_points
         self.dims = tuple(dims)

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from ilvae import theory
-from ilvae.errors import ConfigurationError
+from ilvae.errors import ConfigurationError, check, check_number
 
 
 class LinearTheoryMonitor(L.Callback):
@@ -38,13 +38,11 @@ class LinearTheoryMonitor(L.Callback):
                  max_examples: int | None = None) -> None:
         if isinstance(every_n_epochs, bool) or int(every_n_epochs) != every_n_epochs or (
                 every_n_epochs < 1):
-            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+            check("every_n_epochs", every_n_epochs, "an integer >= 1")
+        self.eps = check_number("eps", eps, strict=True)
         if max_examples is not None and max_examples < 1:
-            raise ValueError(f"max_examples must be >= 1 or None, got {max_examples!r}")
+            check("max_examples", max_examples, "an integer >= 1 or None")
         self.every_n_epochs = int(every_n_epochs)
-        self.eps = float(eps)
         self.max_examples = max_examples
         self.last: dict[str, float] = {}
 

@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ilvae.errors import check
 from ilvae.loggers import run_directory
 
 #: Metric stems (the part after ``stage/``) reported, in the order the table lists them.
@@ -100,7 +101,7 @@ class RunSummary(Callback):
 
     def __init__(self, enabled: bool = True, filename: str = "summary.json") -> None:
         if os.path.basename(filename) != filename or not filename:
-            raise ValueError(f"summary.filename={filename!r} must be a plain file name")
+            check("summary.filename", filename, "a plain file name (no folder)")
         self.enabled = enabled
         self.filename = filename
         self.path: str | None = None  # the file the last summary went to

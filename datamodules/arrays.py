@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ilvae.errors import check
+
 from .base import VAEDataModule
 
 _NUMPY = (".npy",)
@@ -21,10 +23,8 @@ def _kind(path: str, field: str) -> str:
         return "numpy"
     if extension in _TORCH:
         return "torch"
-    raise ValueError(
-        f"{field}={path!r} has unsupported extension {extension!r}; "
-        f"allowed: {', '.join(_NUMPY + _TORCH)}"
-    )
+    check(field, path, f"a file with extension {', '.join(_NUMPY + _TORCH)} (not "
+                       f"{extension!r})")
 
 
 def _npy_header(path: str, field: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -153,7 +153,7 @@ class ArrayDataModule(VAEDataModule):
     @staticmethod
     def _check_file(path: object, field: str) -> str:
         if not isinstance(path, (str, os.PathLike)) or not str(path):
-            raise ValueError(f"{field} must be a file path, got {path!r}")
+            check(field, path, "a file path")
         path = os.fspath(path)
         _kind(path, field)
         if not os.path.isfile(path):

@@ -17,7 +17,6 @@ run (Lightning keeps it under DDP, since it is a ``DistributedSampler``).
 from __future__ import annotations
 
 import hashlib
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +24,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ilvae.errors import check, check_int, check_number
 
 _STAGES = {
     "fit": "train",
@@ -117,12 +118,6 @@ class EpochShuffleSampler(DistributedSampler):
         return indices
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 class VAEDataModule(LightningDataModule):
     """Base datamodule: deterministic train/val/test splits of in-memory tensors.
 
@@ -150,18 +145,13 @@ class VAEDataModule(LightningDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__()
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        if (
-            isinstance(val_fraction, bool)
-            or not isinstance(val_fraction, numbers.Real)
-            or not 0 <= val_fraction < 1
-        ):
-            raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
-        self.val_fraction = float(val_fraction)
-        self.seed = _check_int("seed", seed, 0)
-        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.val_fraction = check_number("val_fraction", val_fraction, maximum=1.0,
+                                         strict_maximum=True)
+        self.seed = check_int("seed", seed, 0)
+        self.num_workers = check_int("num_workers", num_workers, 0)
         if not isinstance(drop_last, bool):
-            raise TypeError(f"drop_last must be True or False, got {drop_last!r}")
+            check("drop_last", drop_last, "true or false")
         self.drop_last = drop_last
         self._data_shape: tuple[int, ...] | None = None
         self._num_classes: int | None = None
@@ -199,10 +189,8 @@ class VAEDataModule(LightningDataModule):
         x, y = self._validate(*self._load_train(), split="training")
         train_index, val_index = self._split_indices(len(x))
         if self.drop_last and len(train_index) < self.batch_size:
-            raise ValueError(
-                f"batch_size={self.batch_size} with drop_last=True leaves no training batch: "
-                f"only {len(train_index)} training examples"
-            )
+            check("batch_size", self.batch_size, f"at most the {len(train_index)} training "
+                  "examples with drop_last=True (else no training batch is left)")
         splits = {
             "train": (x[train_index], y[train_index]),
             "val": (x[val_index], y[val_index]),
@@ -232,7 +220,7 @@ class VAEDataModule(LightningDataModule):
         """The full ``(x, y)`` of a split: ``"train"``/``"fit"``, ``"val"``/``"validate"``,
         ``"test"`` or ``"predict"`` (same as test). Runs :meth:`setup` if needed."""
         if stage not in _STAGES:
-            raise ValueError(f"stage must be one of {sorted(_STAGES)}, got {stage!r}")
+            check("stage", stage, f"one of {', '.join(sorted(_STAGES))}")
         if self._splits is None:
             self.setup(stage)
         assert self._splits is not None

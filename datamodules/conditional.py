@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ilvae.errors import check, check_int, check_number
+
 from .base import _STAGES, VAEDataModule, seeded_generator
 from .images import MNIST, Digits, FashionMNIST, MNIST5k
 
@@ -84,10 +86,8 @@ class ConditionalDataModule(VAEDataModule):
         x, y, label = self._check(*self._load_train(), split="training")
         train_index, val_index = self._split_indices(len(x))
         if self.drop_last and len(train_index) < self.batch_size:
-            raise ValueError(
-                f"batch_size={self.batch_size} with drop_last=True leaves no training batch: "
-                f"only {len(train_index)} training examples"
-            )
+            check("batch_size", self.batch_size, f"at most the {len(train_index)} training "
+                  "examples with drop_last=True (else no training batch is left)")
         splits = {
             "train": (x[train_index], y[train_index], label[train_index]),
             "val": (x[val_index], y[val_index], label[val_index]),
@@ -103,7 +103,7 @@ class ConditionalDataModule(VAEDataModule):
         """The full ``(x, y, labels)`` of a split (``"train"``/``"fit"``, ``"val"``/``"validate"``,
         ``"test"``, ``"predict"``). Runs :meth:`setup` if needed."""
         if stage not in _STAGES:
-            raise ValueError(f"stage must be one of {sorted(_STAGES)}, got {stage!r}")
+            check("stage", stage, f"one of {', '.join(sorted(_STAGES))}")
         if self._splits is None:
             self.setup(stage)
         assert self._splits is not None
@@ -187,7 +187,7 @@ class MNISTQuarters(ConditionalDataModule):
         super().__init__(batch_size=batch_size, val_fraction=val_fraction, seed=seed,
                          num_workers=num_workers, drop_last=drop_last)
         if dataset not in _SOURCES:
-            raise ValueError(f"dataset={dataset!r} is unknown; choose one of MNIST, FashionMNIST")
+            check("dataset", dataset, "one of MNIST, FashionMNIST")
         self.dataset = dataset
         # The image datamodule checks root, download and subsample now, not at setup.
         self._source_args = {"root": root, "download": download, "subsample": subsample,
@@ -316,12 +316,7 @@ class MNIST5kQuarters(_EmbeddedQuarters):
 
 
 def _check_real(name: str, value: object, low: float, high: float | None = None) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
-    ok = ok and math.isfinite(value) and value >= low and (high is None or value < high)
-    if not ok:
-        allowed = f"in [{low:g}, {high:g})" if high is not None else f">= {low:g}"
-        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
-    return float(value)
+    return check_number(name, value, minimum=low, maximum=high, strict_maximum=True)
 
 
 def _random_rotation(n: int, generator: torch.Generator) -> Tensor:
@@ -368,18 +363,13 @@ class LinearConditionalData(ConditionalDataModule):
                  drop_last: bool = False) -> None:
         super().__init__(batch_size=batch_size, val_fraction=val_fraction, seed=seed,
                          num_workers=num_workers, drop_last=drop_last)
-        if isinstance(x_dim, bool) or not isinstance(x_dim, numbers.Integral) or x_dim < 1:
-            raise ValueError(f"x_dim must be an integer >= 1, got {x_dim!r}")
+        self.x_dim = check_int("x_dim", x_dim)
         variances = list(variances)
-        if not variances:
-            raise ValueError("variances must list one value > 0 per target dimension, got []")
-        for v in variances:
-            if _check_real("variances", v, 0.0) <= 0:
-                raise ValueError(f"variances must all be > 0, got {variances}")
-        if (isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral)
-                or num_samples < 2):
-            raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
-        self.x_dim = int(x_dim)
+        if not variances or any(isinstance(v, bool) or not isinstance(v, numbers.Real)
+                                or not math.isfinite(v) or v <= 0 for v in variances):
+            check("variances", variances, "a non-empty list of finite numbers > 0, one per target "
+                  "dimension")
+        check_int("num_samples", num_samples, 2)
         self.variances = [float(v) for v in variances]
         self.correlation = _check_real("correlation", correlation, 0.0, 1.0)
         self.num_samples = int(num_samples)

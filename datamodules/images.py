@@ -16,13 +16,13 @@ import shutil
 import torch
 from torch import Tensor
 
+from ilvae.errors import check, check_number
+
 from .base import VAEDataModule, seeded_generator
 
 
 def _check_fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
-        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
-    return float(value)
+    return check_number(name, value, strict=True, maximum=1.0, strict_maximum=True)
 
 
 class _HeldOutImages(VAEDataModule):
@@ -199,15 +199,15 @@ class MNIST(VAEDataModule):
             drop_last=drop_last,
         )
         if not isinstance(root, (str, os.PathLike)) or not str(root):
-            raise ValueError(f"root must be a non-empty folder path, got {root!r}")
+            check("root", root, "a non-empty folder path")
         if not isinstance(download, bool):
-            raise TypeError(f"download must be True or False, got {download!r}")
+            check("download", download, "true or false")
         if subsample is not None and (
             isinstance(subsample, bool)
             or not isinstance(subsample, numbers.Integral)
             or subsample < 1
         ):
-            raise ValueError(f"subsample must be None or an integer >= 1, got {subsample!r}")
+            check("subsample", subsample, "None or an integer >= 1")
         self.root = str(root)
         self.download = download
         self.subsample = None if subsample is None else int(subsample)
@@ -265,9 +265,7 @@ class MNIST(VAEDataModule):
         x, y = self._read(train=True)
         if self.subsample is not None:
             if self.subsample > len(x):
-                raise ValueError(
-                    f"subsample must be at most the {len(x)} training images, got {self.subsample}"
-                )
+                check("subsample", self.subsample, f"None or at most the {len(x)} training images")
             generator = seeded_generator(self.seed, "subsample")
             keep = torch.randperm(len(x), generator=generator)[: self.subsample].sort().values
             x, y = x[keep], y[keep]

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ilvae.errors import check, check_int
+
 from .base import VAEDataModule, seeded_generator
 
 
@@ -62,21 +64,16 @@ class LinearGaussianData(VAEDataModule):
             isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0
             for v in values
         ):
-            raise ValueError(f"spectrum must be a non-empty list of finite numbers >= 0, "
-                             f"got {spectrum!r}")
+            check("spectrum", spectrum, "a non-empty list of finite numbers >= 0")
         k = len(values)
         if data_dim is None:
             data_dim = k
         if isinstance(data_dim, bool) or not isinstance(data_dim, numbers.Integral) or data_dim < k:
-            raise ValueError(f"data_dim must be an integer >= len(spectrum) = {k}, "
-                             f"got {data_dim!r}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or (
-            num_samples < 2
-        ):
-            raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+            check("data_dim", data_dim, f"an integer >= len(spectrum) = {k}")
+        check_int("num_samples", num_samples, 2)
         if exact_spectrum and num_samples < k:
-            raise ValueError(f"exact_spectrum needs num_samples >= len(spectrum) = {k}, "
-                             f"got {num_samples}")
+            check("num_samples", num_samples, f"an integer >= len(spectrum) = {k} with "
+                  "exact_spectrum=True")
         self.spectrum = torch.tensor(values, dtype=torch.float64)
         self.data_dim = int(data_dim)
         self.num_samples = int(num_samples)

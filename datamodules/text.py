@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ilvae.errors import check, check_int
 from ilvae.tokens import BOS, EOS, PAD, SPECIALS, UNK
 
-from .base import VAEDataModule, _check_int
+from .base import VAEDataModule
 
 _FORMAT = "ilvae.vocabulary"
 _LONG = ("truncate", "drop")
@@ -282,16 +283,15 @@ class TextDataModule(VAEDataModule):
             num_workers=num_workers,
             drop_last=drop_last,
         )
-        self.max_length = _check_int("max_length", max_length, 2)
-        self.max_vocab = None if max_vocab is None else _check_int("max_vocab", max_vocab,
+        self.max_length = check_int("max_length", max_length, 2)
+        self.max_vocab = None if max_vocab is None else check_int("max_vocab", max_vocab,
                                                                     len(SPECIALS) + 1)
-        self.min_count = _check_int("min_count", min_count, 1)
+        self.min_count = check_int("min_count", min_count, 1)
         if not isinstance(labelled, bool):
-            raise TypeError(f"labelled must be True or False, got {labelled!r}")
+            check("labelled", labelled, "true or false")
         self.labelled = labelled
         if long_sentences not in _LONG:
-            raise ValueError(f"long_sentences={long_sentences!r} is unknown; choose one of "
-                             f"{', '.join(_LONG)}")
+            check("long_sentences", long_sentences, f"one of {', '.join(_LONG)}")
         self.long_sentences = long_sentences
         self.train_path = _check_path(train_path, "train_path")
         self.val_path = _check_path(val_path, "val_path")
@@ -373,9 +373,8 @@ class TextDataModule(VAEDataModule):
                                      split="validation")
                 test = self._load_test()
                 if self.drop_last and len(train[0]) < self.batch_size:
-                    raise ValueError(
-                        f"batch_size={self.batch_size} with drop_last=True leaves no training "
-                        f"batch: only {len(train[0])} training examples")
+                    check("batch_size", self.batch_size, f"at most the {len(train[0])} training "
+                          "examples with drop_last=True (else no training batch is left)")
                 self._splits = {"train": train, "val": val,
                                 "test": val if test is None else self._validate(*test, "test")}
         self._save_vocab()
@@ -419,7 +418,7 @@ def _check_path(path: object, field: str) -> str | None:
     if path is None:
         return None
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise ValueError(f"{field} must be a file path, got {path!r}")
+        check(field, path, "a file path or None")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{field}={path!r} does not exist or is not a file")

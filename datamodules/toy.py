@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from scipy.stats import norm
 from torch import Tensor
+
+from ilvae.errors import check_int, check_number
 
 from .base import VAEDataModule, seeded_generator
 
@@ -49,21 +50,8 @@ class TwoGaussians(VAEDataModule):
             num_workers=num_workers,
             drop_last=drop_last,
         )
-        if (
-            isinstance(sigma, bool)
-            or not isinstance(sigma, numbers.Real)
-            or not math.isfinite(sigma)
-            or sigma <= 0
-        ):
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-        if (
-            isinstance(num_samples, bool)
-            or not isinstance(num_samples, numbers.Integral)
-            or (num_samples < 2)
-        ):
-            raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
-        self.sigma = float(sigma)
-        self.num_samples = int(num_samples)
+        self.sigma = check_number("sigma", sigma, strict=True)
+        self.num_samples = check_int("num_samples", num_samples, 2)
         self.means = torch.tensor(_MEANS)
         self._data_shape = (2,)
         self._num_classes = 2

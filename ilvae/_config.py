@@ -13,6 +13,8 @@ import importlib
 import inspect
 from typing import Any
 
+from ilvae.errors import check
+
 
 class Configurable:
     """Mixin: instances remember the keyword arguments they were built with (``self.config``).
@@ -67,7 +69,7 @@ def import_class(class_path: str) -> type:
     """Import ``"package.module.Class"``."""
     module_name, _, name = class_path.rpartition(".")
     if not module_name:
-        raise ValueError(f"class_path must be 'module.Class', got {class_path!r}")
+        check("class_path", class_path, "a dotted path 'module.Class'")
     return getattr(importlib.import_module(module_name), name)
 
 

@@ -376,7 +376,7 @@ def argument_error_line(exc: BaseException) -> str:
     for pattern in _UNKNOWN:
         match = pattern.search(text)
         if match and field:
-            return (f"{field}={match.group(1)!r} is unknown; choose one of "
+            return (f"{field}={match.group(1)!r} is not allowed: expected one of "
                     f"{_known_names(field)}, or a class path 'package.module.Class'")
     required = _REQUIRED.search(text)
     if required and field:  # e.g. --trainer.logger=CSVLogger without its save_dir

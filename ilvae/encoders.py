@@ -18,6 +18,7 @@ from torch.distributions import Distribution, Normal
 from ilvae._config import Configurable
 from ilvae.bn_vae import MeanBatchNorm
 from ilvae.delta_vae import CommittedRateScale
+from ilvae.errors import check, check_int
 from ilvae.tokens import PAD, lengths
 
 _ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
@@ -26,7 +27,7 @@ _ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "g
 
 def make_activation(name: str) -> nn.Module:
     if name not in _ACTIVATIONS:
-        raise ValueError(f"activation={name!r} is unknown; choose one of {', '.join(_ACTIVATIONS)}")
+        check("activation", name, f"one of {', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]()
 
 
@@ -43,7 +44,7 @@ def mlp(sizes: list[int], act: str) -> nn.Sequential:
 def check_hidden(hidden: list[int], field: str = "hidden") -> list[int]:
     hidden = list(hidden)
     if any(int(h) != h or h <= 0 for h in hidden):
-        raise ValueError(f"{field} must be a list of positive integers, got {hidden}")
+        check(field, hidden, "a list of positive integers")
     return [int(h) for h in hidden]
 
 
@@ -52,8 +53,7 @@ class Encoder(Configurable, nn.Module):
 
     def __init__(self, data_shape: tuple[int, ...], latent_dim: int) -> None:
         super().__init__()
-        if latent_dim <= 0:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+        check_int("latent_dim", latent_dim)
         self.data_shape = tuple(data_shape)
         self.data_dim = math.prod(self.data_shape)
         self.latent_dim = latent_dim

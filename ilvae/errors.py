@@ -8,6 +8,7 @@ arguments, Trainer settings) into such errors, so that they read like ilvae's ow
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any, NoReturn
 
@@ -47,14 +48,41 @@ def check(field: str, value: Any, expected: str) -> NoReturn:
     raise ConfigurationError(f"{field}={value!r} is not allowed: expected {expected}")
 
 
-def check_number(field: str, value: float, *, minimum: float = 0.0, strict: bool = False) -> float:
+def check_number(field: str, value: float, *, minimum: float = 0.0, strict: bool = False,
+                 maximum: float | None = None, strict_maximum: bool = False) -> float:
     """``float(value)``, or :func:`check` raises unless ``value`` is a finite real number (not a
-    bool) ≥ ``minimum`` (> with ``strict``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    bool) ≥ ``minimum`` (> with ``strict``) and, if given, ≤ ``maximum`` (< with
+    ``strict_maximum``).
+
+    >>> check_number("delta", 1.0, maximum=1.0, strict_maximum=True)
+    Traceback (most recent call last):
+    ...
+    ilvae.errors.ConfigurationError: delta=1.0 is not allowed: expected a number in [0, 1)
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     ok = ok and math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if maximum is not None:
+        ok = ok and (value < maximum if strict_maximum else value <= maximum)
     if not ok:
-        check(field, value, f"a finite number {'>' if strict else '>='} {minimum:g}")
+        if maximum is None:
+            check(field, value, f"a finite number {'>' if strict else '>='} {minimum:g}")
+        check(field, value, f"a number in {'(' if strict else '['}{minimum:g}, {maximum:g}"
+                            f"{')' if strict_maximum else ']'}")
     return float(value)
+
+
+def check_int(field: str, value: Any, minimum: int = 1) -> int:
+    """``int(value)``, or :func:`check` raises unless ``value`` is an integer (not a bool)
+    ≥ ``minimum``.
+
+    >>> check_int("every_n_epochs", 0)
+    Traceback (most recent call last):
+    ...
+    ilvae.errors.ConfigurationError: every_n_epochs=0 is not allowed: expected an integer >= 1
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        check(field, value, f"an integer >= {minimum}")
+    return int(value)
 
 
 # ----------------------------------------------------------------- refused at set-up

@@ -54,7 +54,7 @@ from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ilvae.errors import ConfigurationError
+from ilvae.errors import ConfigurationError, check
 from ilvae.fid_classifier import (
     COMMAND,
     FeatureClassifier,
@@ -182,13 +182,12 @@ def check_feature_extractor(feature_extractor: str, weights_path: str | os.PathL
     """The checked ``weights_path`` (as a string) for a registered ``feature_extractor``;
     ``owner`` prefixes the field names of the error messages."""
     if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
-        raise ConfigurationError(f"{owner}feature_extractor={feature_extractor!r} is not "
-                                 "registered with torch-fidelity; registered: "
-                                 f"{sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+        check(f"{owner}feature_extractor", feature_extractor, "one of the extractors registered "
+              f"with torch-fidelity: {', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}")
     if weights_path is None:
         if feature_extractor == CLASSIFIER_EXTRACTOR:
-            raise ConfigurationError(f"{owner}feature_extractor={CLASSIFIER_EXTRACTOR!r} needs "
-                                     f"weights_path: a classifier file made by `{COMMAND}`")
+            check(f"{owner}weights_path", weights_path, f"a classifier file made by `{COMMAND}` "
+                  f"(feature_extractor={CLASSIFIER_EXTRACTOR!r} needs one)")
         return None
     return os.fspath(weights_path)
 
@@ -277,7 +276,7 @@ def compute_fid(images1: Tensor, images2: Tensor, *,
     Nothing is written to disk and no worker processes are started.
     """
     if weights_path is not None and not os.path.isfile(weights_path):
-        raise ConfigurationError(f"weights_path={os.fspath(weights_path)!r} is not a file")
+        check("weights_path", os.fspath(weights_path), "an existing file or None")
     images1, images2 = _images(images1), _images(images2)
     device = torch.device(device if device is not None else
                           ("cuda" if torch.cuda.is_available() else "cpu"))

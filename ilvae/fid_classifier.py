@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-from ilvae.errors import ConfigurationError, check, check_number
+from ilvae.errors import ConfigurationError, check, check_int, check_number
 
 __all__ = [
     "FeatureClassifier",
@@ -49,12 +49,6 @@ COMMAND = "ilvae fid-classifier --data NAME --out PATH"
 _FORMAT = "ilvae.fid.FeatureClassifier"
 _FORMAT_VERSION = 1
 _PLAIN = (str, int, float, bool, type(None))
-
-
-def _check_int(field: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        check(field, value, f"an integer >= {minimum}")
-    return int(value)
 
 
 def quantise(x: Tensor) -> Tensor:
@@ -88,9 +82,9 @@ class FeatureClassifier(nn.Module):
             check("num_classes", None, "an integer >= 2: the feature classifier needs labelled "
                   "data")
         self.input_shape = input_shape
-        self.num_classes = _check_int("num_classes", num_classes, 2)
-        self.feature_dim = _check_int("feature_dim", feature_dim, 1)
-        self.width = _check_int("width", width, 1)
+        self.num_classes = check_int("num_classes", num_classes, 2)
+        self.feature_dim = check_int("feature_dim", feature_dim, 1)
+        self.width = check_int("width", width, 1)
         c, h, w = input_shape
         stride = 2 if min(h, w) >= 16 else 1
         self.trunk = nn.Sequential(
@@ -253,7 +247,7 @@ def train_feature_classifier(x: Tensor, y: Tensor, *, num_classes: int | None = 
     _check_labelled(x, y, "training")
     num_classes = int(y.max()) + 1 if num_classes is None else num_classes
     _check_labelled(x, y, "training", num_classes)
-    epochs, batch_size = _check_int("epochs", epochs, 1), _check_int("batch_size", batch_size, 1)
+    epochs, batch_size = check_int("epochs", epochs, 1), check_int("batch_size", batch_size, 1)
     splits = {"train": (x, y)}
     if x_val is not None and y_val is not None:
         splits["val"] = (torch.as_tensor(x_val).cpu().float(), torch.as_tensor(y_val).cpu().long())
@@ -306,12 +300,11 @@ def load_feature_classifier(path: str | os.PathLike,
     """Rebuild a classifier saved by :func:`save_feature_classifier` (``weights_only`` load)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ConfigurationError(f"weights_path={path!r} is not a file: train a classifier with "
-                                 f"`{COMMAND}`")
+        check("weights_path", path, f"an existing classifier file: train one with `{COMMAND}`")
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise ConfigurationError(f"weights_path={path!r} is not an ilvae feature classifier "
-                                 "(saved by ilvae.fid.save_feature_classifier)")
+        check("weights_path", path, "an ilvae feature classifier file (saved by "
+              "ilvae.fid.save_feature_classifier)")
     if payload.get("version", 0) > _FORMAT_VERSION:
         raise ConfigurationError(f"weights_path={path!r} has classifier format version "
                                  f"{payload['version']}, newer than this ilvae supports "

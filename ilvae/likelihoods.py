@@ -141,7 +141,7 @@ class Gaussian(Likelihood):
     def __init__(self, data_dim: int, sigma: float = 1.0) -> None:
         super().__init__(data_dim)
         if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+            check("sigma", sigma, "a finite number > 0")
         self.register_buffer("log_sigma", torch.tensor(math.log(sigma)))
 
     @property
@@ -281,7 +281,7 @@ class GaussianAdaptive(Likelihood):
                  eval_variance: str = "running") -> None:
         super().__init__(data_dim)
         if momentum is not None and not 0 < momentum <= 1:
-            raise ValueError(f"momentum must lie in (0, 1] or be None, got {momentum}")
+            check("momentum", momentum, "a number in (0, 1] or None")
         if eval_variance not in ("running", "batch"):
             check("eval_variance", eval_variance, "'running' or 'batch'")
         self.eval_variance = eval_variance
@@ -359,7 +359,7 @@ def build(name: str | Likelihood, data_dim: int, **options: object) -> Likelihoo
         return name
     registry = _registry()
     if name not in registry:
-        raise ValueError(f"likelihood={name!r} is unknown; choose one of {', '.join(names())}")
+        check("likelihood", name, f"one of {', '.join(names())}")
     cls = registry[name]
     import inspect
 

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from ilvae.errors import ConfigurationError, NonFiniteLossError
+from ilvae.errors import NonFiniteLossError, check, check_int
 
 ACTIONS = ("stop", "skip")
 
@@ -78,16 +78,11 @@ class LossGuard:
     def __init__(self, action: str = "stop", check_every_n_steps: int = 1,
                  max_skipped: int | None = None) -> None:
         if action not in ACTIONS:
-            raise ConfigurationError(f"action={action!r} is unknown; choose one of "
-                                     f"{', '.join(ACTIONS)}")
-        if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) \
-                or check_every_n_steps < 1:
-            raise ConfigurationError(f"check_every_n_steps={check_every_n_steps!r} is not "
-                                     "allowed: expected an integer >= 1")
+            check("action", action, f"one of {', '.join(ACTIONS)}")
+        check_int("check_every_n_steps", check_every_n_steps)
         if max_skipped is not None and (isinstance(max_skipped, bool)
                                         or not isinstance(max_skipped, int) or max_skipped < 0):
-            raise ConfigurationError(f"max_skipped={max_skipped!r} is not allowed: expected an "
-                                     "integer >= 0 or null")
+            check("max_skipped", max_skipped, "an integer >= 0 or null")
         self.action = action
         self.check_every_n_steps = check_every_n_steps
         self.max_skipped = max_skipped

@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+from ilvae.errors import check
+
 GROUP = "ilvae.decoders"
 
 
@@ -80,7 +82,7 @@ def resolve(name: str, group: str = GROUP, base: type | None = None) -> type:
 
         cls = import_class(name)
         if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
-            raise ValueError(f"{name} is not a subclass of {base.__name__}")
+            check("decoder", name, f"a subclass of {base.__name__}")
         return cls
     known = ", ".join(n for n, p in table.items() if p.cls is not None)
-    raise ValueError(f"decoder={name!r} is unknown; registered decoders: {known}")
+    check("decoder", name, f"one of the registered decoders ({known}) or a class path")

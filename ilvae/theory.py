@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ilvae.errors import check, check_number
+
 __all__ = [
     "LinearHVAEPrediction", "LinearPrediction", "collapse_agreement", "covariance",
     "joint_second_moments", "linear_adaptive_sigma", "linear_cvae", "linear_fixed_sigma",
@@ -173,19 +175,14 @@ def _eigenvalues(matrix: Tensor, count: int) -> Tensor:
 
 
 def _check(field: str, value: float, strict: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > 0 if strict else value >= 0)
-    if not ok:
-        raise ValueError(f"{field}={value!r} is not allowed: expected a finite number "
-                         f"{'>' if strict else '>='} 0")
-    return float(value)
+    return check_number(field, value, strict=strict)
 
 
 def _latent_dim(latent_dim: int | None, default: int) -> int:
     if latent_dim is None:
         return default
     if isinstance(latent_dim, bool) or int(latent_dim) != latent_dim or latent_dim < 1:
-        raise ValueError(f"latent_dim={latent_dim!r} is not allowed: expected an integer >= 1")
+        check("latent_dim", latent_dim, "an integer >= 1")
     return int(latent_dim)
 
 
@@ -248,13 +245,13 @@ def linear_vae(second_moment: Tensor, beta: float = 1.0, eta_enc: float = 1.0,
                                 threshold, exchangeable=True)
 
     if encoder_std is None:
-        raise ValueError("encoder_std is required when learnable_variance=False")
+        check("encoder_std", encoder_std, f"one positive number or {m} of them when "
+              "learnable_variance=False")
     sigma = torch.as_tensor(encoder_std, dtype=torch.float64).flatten()
     if sigma.numel() == 1:
         sigma = sigma.expand(m).clone()
     if sigma.numel() != m or not (torch.isfinite(sigma).all() and (sigma > 0).all()):
-        raise ValueError(f"encoder_std must be one positive number or {m} of them, "
-                         f"got {encoder_std!r}")
+        check("encoder_std", encoder_std, f"one positive number or {m} of them")
     k = math.sqrt(beta) * eta_dec / eta_enc
     rank = torch.empty(m, dtype=torch.long)
     rank[torch.argsort(sigma, stable=True)] = torch.arange(m)

@@ -188,9 +188,11 @@ def test_classifier_rejects_unlabelled_data_and_foreign_files(tmp_path):
         fid.train_feature_classifier(torch.rand(10, 1, 8, 8), torch.full((10,), -1))
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
-    with pytest.raises(ConfigurationError, match="not an ilvae feature classifier"):
+    with pytest.raises(ConfigurationError, match=r"^weights_path='.*other\.pt' is not allowed: "
+                                                 "expected an ilvae feature classifier file"):
         fid.load_feature_classifier(other)
-    with pytest.raises(ConfigurationError, match="not a file"):
+    with pytest.raises(ConfigurationError, match=r"^weights_path='.*missing\.pt' is not allowed: "
+                                                 "expected an existing classifier file"):
         fid.load_feature_classifier(tmp_path / "missing.pt")
 
 
@@ -263,9 +265,12 @@ def test_plugin_extractor_converts_channels_and_size(digits, classifier_path):
 
 def test_plugin_classifier_needs_a_weights_path(digits):
     x = digits["val"][0]
-    with pytest.raises(ConfigurationError, match="weights_path"):
+    with pytest.raises(ConfigurationError, match=r"^weights_path=None is not allowed: expected a "
+                                                 "classifier file"):
         fid.compute_fid(x, x)
-    with pytest.raises(ConfigurationError, match="not registered"):
+    with pytest.raises(ConfigurationError, match=r"^feature_extractor='no-such-network' is not "
+                                                 "allowed: expected one of the extractors "
+                                                 "registered with torch-fidelity"):
         fid.compute_fid(x, x, feature_extractor="no-such-network")
 
 
@@ -304,6 +309,7 @@ def test_inception_reads_the_given_weights_path_and_never_downloads(monkeypatch,
         fid.compute_fid(x, x, feature_extractor=fid.INCEPTION_EXTRACTOR, weights_path=weights,
                         device="cpu")
     assert loaded == [str(weights)]
-    with pytest.raises(ConfigurationError, match="not a file"):
+    with pytest.raises(ConfigurationError, match=r"^weights_path='.*missing\.pth' is not "
+                                                 "allowed: expected an existing file"):
         fid.compute_fid(x, x, feature_extractor=fid.INCEPTION_EXTRACTOR,
                         weights_path=tmp_path / "missing.pth")

@@ -60,7 +60,7 @@ def test_an_existing_report_is_never_overwritten(tmp_path, monkeypatch, capsys):
 
 def test_unknown_study_is_a_one_line_error(tmp_path, capsys):
     assert main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
-    assert "study='nope' is unknown" in capsys.readouterr().err
+    assert "study='nope' is not allowed: expected one of " in capsys.readouterr().err
 
 
 def _findings(report: str) -> list[tuple[str, bool]]:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ilvae import likelihoods
 from ilvae._config import Configurable
+from ilvae.errors import check
 
 
 class Decoder(Configurable, nn.Module):
@@ -32,7 +33,7 @@ class Decoder(Configurable, nn.Module):
         super().__init__()
         for field, value in (("latent_dim", latent_dim), ("data_dim", data_dim)):
             if int(value) != value or value <= 0:
-                raise ValueError(f"{field} must be a positive integer, got {value}")
+                check(field, value, "an integer >= 1")
         self.latent_dim = int(latent_dim)
         self.data_dim = int(data_dim)
         self.likelihood = likelihoods.build(likelihood, self.data_dim, sigma=sigma,

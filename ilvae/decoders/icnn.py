@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ilvae.encoders import check_hidden
-from ilvae.errors import ConfigurationError
+from ilvae.errors import check
 
 ACTIVATIONS = ("leaky_relu", "softplus")
 #: Initial scale of the output weights w_K: the mean of U(0.1, 1.9) divided by 1, √fan_in, fan_in.
@@ -124,34 +124,19 @@ class ICNN(nn.Module):
                  lift_dim: int | None = None, output_init: str = "unit") -> None:
         super().__init__()
         if int(input_dim) != input_dim or input_dim <= 0:
-            raise ConfigurationError(
-                f"input_dim must be a positive integer, got {input_dim}"
-            )
+            check("input_dim", input_dim, "an integer >= 1")
         if lift_dim is not None and (int(lift_dim) != lift_dim or not 0 < lift_dim <= input_dim):
-            raise ConfigurationError(
-                f"lift_dim must be an integer in [1, input_dim={input_dim}], "
-                f"got {lift_dim}"
-            )
+            check("lift_dim", lift_dim, f"an integer in [1, input_dim={input_dim}] or None")
         self.hidden = check_hidden(hidden)
         if not self.hidden:
-            raise ConfigurationError(
-                "hidden must list at least one width: ψ needs a hidden layer"
-            )
+            check("hidden", hidden, "at least one width: ψ needs a hidden layer")
         if activation not in ACTIVATIONS:
-            raise ConfigurationError(
-                f"activation={activation!r} is not convex and non-decreasing; "
-                f"choose one of {', '.join(ACTIVATIONS)}"
-            )
+            check("activation", activation,
+                  f"a convex non-decreasing activation: one of {', '.join(ACTIVATIONS)}")
         if not 0.0 <= negative_slope <= 1.0:
-            raise ConfigurationError(
-                f"negative_slope must lie in [0, 1] to keep ψ convex, "
-                f"got {negative_slope}"
-            )
+            check("negative_slope", negative_slope, "a number in [0, 1] (keeps ψ convex)")
         if output_init not in OUTPUT_INITS:
-            raise ConfigurationError(
-                f"output_init={output_init!r} is not allowed: expected one of "
-                f"{', '.join(OUTPUT_INITS)}"
-            )
+            check("output_init", output_init, f"one of {', '.join(OUTPUT_INITS)}")
         self.input_dim = int(input_dim)
         self.activation = activation
         self.output_init = output_init

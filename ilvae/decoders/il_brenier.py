@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ilvae.decoders.base import Decoder
 from ilvae.decoders.icnn import ACTIVATIONS, ICNN, OUTPUT_INITS, no_autocast
 from ilvae.encoders import check_hidden
-from ilvae.errors import ConfigurationError
+from ilvae.errors import check
 
 BETAS = ("padding", "random", "trainable")
 #: Earlier name of ``beta="padding"``, still accepted so that existing configs and checkpoints
@@ -42,10 +42,7 @@ def _check_constant(field: str, value: float | None) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
         math.isfinite(value) and value >= 0
     ):
-        raise ConfigurationError(
-            f"{field} must be a finite number >= 0{' (L=0 is LIDVAE)' if field == 'L' else ''}, "
-            f"got {value!r}"
-        )
+        check(field, value, f"a finite number >= 0{' (L=0 is LIDVAE)' if field == 'L' else ''}")
     return float(value)
 
 
@@ -57,19 +54,13 @@ def _split(L: float, L1: float | None, L2: float | None, s_min: float) -> tuple[
     if L1 is not None and L2 is not None:
         implied = L1 * L2 * s_min
         if not math.isclose(L, implied, rel_tol=1e-6, abs_tol=1e-12):
-            raise ConfigurationError(
-                f"L={L} is inconsistent with L1={L1}, L2={L2} and beta's smallest singular value "
-                f"{s_min}: the guaranteed constant is L1·L2·s_min = {implied}; pass L={implied} "
-                "or give only one of L1, L2"
-            )
+            check("L", L, f"L1·L2·s_min = {implied} with L1={L1}, L2={L2} and beta's smallest "
+                          f"singular value s_min={s_min} (or give only one of L1, L2)")
         return L1, L2
     field, given = ("L1", L1) if L1 is not None else ("L2", L2)
     if given == 0:
         if L > 0:
-            raise ConfigurationError(
-                f"{field}=0 cannot give a decoder constant L={L} > 0; "
-                f"set {field} > 0 or L=0"
-            )
+            check(field, given, f"a number > 0 for a decoder constant L={L} > 0 (or set L=0)")
         return 0.0, 0.0
     other = L / (given * s_min)
     return (given, other) if field == "L1" else (other, given)
@@ -148,38 +139,24 @@ class ILBrenierDecoder(Decoder):
                  binarize: bool = False) -> None:
         super().__init__(latent_dim, data_dim, likelihood, sigma, binarize)
         if self.data_dim < self.latent_dim:
-            raise ConfigurationError(
-                f"data_dim={data_dim} must be >= latent_dim={latent_dim}: the lift "
-                "β: R^latent_dim → R^data_dim has to be injective"
-            )
+            check("data_dim", data_dim, f"an integer >= latent_dim={latent_dim}, so that the "
+                                        "lift β: R^latent_dim → R^data_dim is injective")
         if activation not in ACTIVATIONS:
-            raise ConfigurationError(
-                f"activation={activation!r} is unknown; choose one of "
-                f"{', '.join(ACTIVATIONS)}"
-            )
+            check("activation", activation, f"one of {', '.join(ACTIVATIONS)}")
         beta = _BETA_ALIASES.get(beta, beta)
         if beta not in BETAS:
-            raise ConfigurationError(
-                f"beta={beta!r} is not allowed: expected one of {', '.join(BETAS)}"
-            )
+            check("beta", beta, f"one of {', '.join(BETAS)}")
         if output_init not in OUTPUT_INITS:
-            raise ConfigurationError(
-                f"output_init={output_init!r} is not allowed: expected one of "
-                f"{', '.join(OUTPUT_INITS)}"
-            )
+            check("output_init", output_init, f"one of {', '.join(OUTPUT_INITS)}")
         if isinstance(beta_seed, bool) or int(beta_seed) != beta_seed:
-            raise ConfigurationError(
-                f"beta_seed={beta_seed!r} is not allowed: expected an integer"
-            )
+            check("beta_seed", beta_seed, "an integer")
         lo, hi = self._check_range(beta_singular_values)
         L = _check_constant("L", L)
         L1 = _check_constant("L1", L1)
         L2 = _check_constant("L2", L2)
         self.hidden = check_hidden(hidden)
         if not self.hidden:
-            raise ConfigurationError(
-                "hidden must list at least one width for each ICNN, got []"
-            )
+            check("hidden", hidden, "at least one width for each ICNN")
         self.activation = activation
         self.beta = beta
         self.beta_singular_values = (lo, hi)
@@ -211,15 +188,9 @@ class ILBrenierDecoder(Decoder):
         try:
             lo, hi = (float(v) for v in values)
         except (TypeError, ValueError):
-            raise ConfigurationError(
-                f"beta_singular_values must be two numbers (lo, hi), "
-                f"got {values!r}"
-            ) from None
+            check("beta_singular_values", values, "two numbers (lo, hi)")
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
-            raise ConfigurationError(
-                f"beta_singular_values must satisfy 0 < lo <= hi (finite), "
-                f"got {values!r}"
-            )
+            check("beta_singular_values", values, "two finite numbers (lo, hi) with 0 < lo <= hi")
         return lo, hi
 
     @property
@@ -254,10 +225,8 @@ class ILBrenierDecoder(Decoder):
         t1, t2 = _round_up(L1, dtype), _round_up(L2, dtype)
         product = float(t1) * float(t2) * self.s_min
         if not math.isfinite(product) or (L > 0 and product == 0):
-            raise ConfigurationError(
-                f"L={L} (L1={L1:g}, L2={L2:g}) cannot be stored in {dtype}; "
-                "choose a value of moderate size"
-            )
+            check("L", L, f"a value of moderate size: L1={L1:g}, L2={L2:g} cannot be stored in "
+                          f"{dtype}")
         while product < L:
             t2 = torch.nextafter(t2, inf)
             product = float(t1) * float(t2) * self.s_min

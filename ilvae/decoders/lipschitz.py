@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ilvae.decoders.base import Decoder
 from ilvae.encoders import check_hidden
+from ilvae.errors import check, check_int
 
 _TINY = 1e-300
 _CERTIFICATE_SLACK = 1e-10
@@ -178,7 +179,7 @@ def _check_K(K: object) -> float:
     except (TypeError, ValueError):
         value = math.nan
     if isinstance(K, bool) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"K must be a finite number > 0, got {K!r}")
+        check("K", K, "a finite number > 0")
     return value
 
 
@@ -208,18 +209,12 @@ class LipschitzDecoder(Decoder):
         K = _check_K(K)
         super().__init__(latent_dim, data_dim, likelihood, sigma, binarize)
         if activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"activation={activation!r} is not a known 1-Lipschitz activation; "
-                f"choose one of {', '.join(_ACTIVATIONS)}"
-            )
+            check("activation", activation,
+                  f"a 1-Lipschitz activation: one of {', '.join(_ACTIVATIONS)}")
         self.hidden = check_hidden(hidden)
         if activation == "maxmin" and any(h % 2 for h in self.hidden):
-            raise ValueError(f"hidden must hold even widths for activation='maxmin', "
-                             f"got {self.hidden}")
-        if not isinstance(gram_iterations, int) or isinstance(gram_iterations, bool) \
-                or gram_iterations < 0:
-            raise ValueError(f"gram_iterations must be a non-negative integer, "
-                             f"got {gram_iterations!r}")
+            check("hidden", self.hidden, "even widths with activation='maxmin'")
+        check_int("gram_iterations", gram_iterations, 0)
         self.activation = activation
         self.register_buffer("_K", torch.tensor(K))
         sizes = [self.latent_dim, *self.hidden, self.data_dim]

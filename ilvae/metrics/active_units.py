@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.distributions import Normal
 from torchmetrics import Metric
 
+from ilvae.errors import check_number
 from ilvae.metrics.kl_per_dimension import _check_width, _state_shape
 
 
@@ -56,9 +57,7 @@ class ActiveUnits(Metric):
     def __init__(self, threshold: float = 0.01, shift: float = 0.0,
                  latent_dim: int | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        if not threshold >= 0:
-            raise ValueError(f"threshold must be a number >= 0, got {threshold}")
-        self.threshold = float(threshold)
+        self.threshold = check_number("threshold", threshold)
         self.shift = float(shift)
         self._shape = _state_shape(latent_dim)
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")

@@ -7,6 +7,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchmetrics import Metric
 
+from ilvae.errors import check_int
+
 
 class ClusterAccuracy(Metric):
     """Accuracy of cluster assignments under the best one-to-one map from clusters to labels.
@@ -42,11 +44,8 @@ class ClusterAccuracy(Metric):
                  **kwargs: object) -> None:
         super().__init__(**kwargs)
         num_classes = num_clusters if num_classes is None else num_classes
-        for field, value in (("num_clusters", num_clusters), ("num_classes", num_classes)):
-            if int(value) != value or value <= 0:
-                raise ValueError(f"{field} must be a positive integer, got {value}")
-        self.num_clusters = int(num_clusters)
-        self.num_classes = int(num_classes)
+        self.num_clusters = check_int("num_clusters", num_clusters)
+        self.num_classes = check_int("num_classes", num_classes)
         self.add_state("confusion", torch.zeros(self.num_clusters, self.num_classes,
                                                 dtype=torch.long), dist_reduce_fx="sum")
 

@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.distributions import Normal
 from torchmetrics import Metric
 
+from ilvae.errors import check_number
 from ilvae.metrics.kl_per_dimension import (
     _check_prior_scale,
     _check_width,
@@ -57,12 +58,8 @@ class EpsilonCollapse(Metric):
     def __init__(self, eps: float = 0.01, delta: float = 0.01, prior_scale: float = 1.0,
                  latent_dim: int | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        if not eps > 0:
-            raise ValueError(f"eps must be a number > 0, got {eps}")
-        if not 0 <= delta < 1:
-            raise ValueError(f"delta must lie in [0, 1), got {delta}")
-        self.eps = float(eps)
-        self.delta = float(delta)
+        self.eps = check_number("eps", eps, strict=True)
+        self.delta = check_number("delta", delta, maximum=1.0, strict_maximum=True)
         self.prior_scale = _check_prior_scale(prior_scale)
         self._shape = _state_shape(latent_dim)
         for name in ("kl_sum", "below"):

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from ilvae.errors import check
+from ilvae.errors import check, check_int
 
 
 def _modules(model: Any) -> list[nn.Module]:
@@ -142,13 +142,8 @@ class ImportanceWeightedNLL(Metric):
     def __init__(self, num_samples: int = 500, chunk_size: int | None = None,
                  **kwargs: object) -> None:
         super().__init__(**kwargs)
-        for field, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
-            if value is None and field == "chunk_size":
-                continue
-            if int(value) != value or value <= 0:
-                raise ValueError(f"{field} must be a positive integer, got {value}")
-        self.num_samples = int(num_samples)
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.num_samples = check_int("num_samples", num_samples)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size)
         self.add_state("nll_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import math
+import numbers
 
 import torch
 from torch import Tensor
 from torch.distributions import Normal
 from torchmetrics import Metric
 
+from ilvae.errors import check, check_number
+
 
 def _check_prior_scale(prior_scale: float) -> float:
-    if not (math.isfinite(prior_scale) and prior_scale > 0):
-        raise ValueError(f"prior_scale must be a finite number > 0, got {prior_scale}")
-    return float(prior_scale)
+    return check_number("prior_scale", prior_scale, strict=True)
 
 
 def _state_shape(latent_dim: int | None) -> tuple[int, ...]:
@@ -23,9 +23,9 @@ def _state_shape(latent_dim: int | None) -> tuple[int, ...]:
     first update."""
     if latent_dim is None:
         return ()
-    if isinstance(latent_dim, bool) or int(latent_dim) != latent_dim or latent_dim < 1:
-        raise ValueError(f"latent_dim={latent_dim!r} is not allowed: expected a positive "
-                         "integer or None")
+    if isinstance(latent_dim, bool) or not isinstance(latent_dim, numbers.Integral) \
+            or latent_dim < 1:
+        check("latent_dim", latent_dim, "an integer >= 1 or None")
     return (int(latent_dim),)
 
 

@@ -10,6 +10,8 @@ from torch.distributions import Normal
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from ilvae.errors import check_int
+
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -57,11 +59,8 @@ class MutualInformation(Metric):
     def __init__(self, num_samples: int = 1, chunk_size: int = 1024, seed: int = 0,
                  **kwargs: object) -> None:
         super().__init__(**kwargs)
-        for field, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
-            if int(value) != value or value <= 0:
-                raise ValueError(f"{field} must be a positive integer, got {value}")
-        self.num_samples = int(num_samples)
-        self.chunk_size = int(chunk_size)
+        self.num_samples = check_int("num_samples", num_samples)
+        self.chunk_size = check_int("chunk_size", chunk_size)
         self.seed = int(seed)
         self.add_state("loc", [], dist_reduce_fx="cat")
         self.add_state("scale", [], dist_reduce_fx="cat")

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from ilvae.errors import check_int
 from ilvae.metrics.iw_nll import eval_mode, repeat_samples
 
 
@@ -81,9 +82,7 @@ class RelativeFisherDivergence(Metric):
 
     def __init__(self, num_samples: int = 1, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        if int(num_samples) != num_samples or num_samples <= 0:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
-        self.num_samples = int(num_samples)
+        self.num_samples = check_int("num_samples", num_samples)
         self.add_state("fisher_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("bound_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")

@@ -16,7 +16,7 @@ from ilvae._config import build_component
 from ilvae.decoders.base import Decoder, DecoderCallable
 from ilvae.decoders.mlp import MLPDecoder
 from ilvae.encoders import Encoder, EncoderCallable, MLPEncoder, check_hidden
-from ilvae.errors import ConfigurationError, check_number
+from ilvae.errors import ConfigurationError, check, check_number
 from ilvae.models.base import LatentVariableModel
 from ilvae.models.contract import LatentTerm
 from ilvae.objectives import beta_vae_loss
@@ -122,22 +122,22 @@ class ConditionalVAE(LatentVariableModel):
         x_shape = _shape("data_shape", data_shape)
         y_shape = _shape("target_shape", target_shape)
         if int(latent_dim) != latent_dim or latent_dim <= 0:
-            raise ConfigurationError(f"latent_dim={latent_dim!r} is not allowed: expected a "
-                                     "positive integer")
+            check("latent_dim", latent_dim, "a positive integer")
         m, dx, dy = int(latent_dim), math.prod(x_shape), math.prod(y_shape)
         if prior not in ("standard", "learned"):
-            raise ConfigurationError(f"prior={prior!r} is not allowed: choose 'standard' or "
-                                     "'learned'")
+            check("prior", prior, "'standard' or 'learned'")
         eta_enc = check_number("eta_enc", eta_enc, strict=True)
         if prior == "learned" and eta_enc != 1.0:
-            raise ConfigurationError("eta_enc is the std of the standard prior: leave it out "
-                                     "with prior='learned'")
+            check("eta_enc", eta_enc, "1.0 (left out) with prior='learned': it is the std of "
+                  "the standard prior")
         if decoder is not None and (likelihood is not None or eta_dec is not None):
-            raise ConfigurationError("likelihood and eta_dec set the default decoder: leave "
-                                     "them out when a decoder is given (it has its own)")
+            field, value = ("likelihood", likelihood) if likelihood is not None \
+                else ("eta_dec", eta_dec)
+            check(field, value, "None when a decoder is given (it sets the default decoder; a "
+                  "given decoder has its own)")
         if linear and (encoder is not None or decoder is not None):
-            raise ConfigurationError("linear=True builds its own encoder and decoder: leave "
-                                     "encoder and decoder out")
+            check("linear", linear, "false when an encoder or decoder is given (linear=True "
+                  "builds its own)")
         sigma = 1.0 if eta_dec is None else check_number("eta_dec", eta_dec, strict=True)
         name = "gaussian" if likelihood is None else likelihood
         try:

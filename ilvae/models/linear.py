@@ -19,7 +19,7 @@ from torch.distributions import Normal
 from ilvae import theory
 from ilvae.decoders.base import Decoder
 from ilvae.encoders import Encoder
-from ilvae.errors import ConfigurationError, check_number
+from ilvae.errors import check, check_number
 from ilvae.metrics.iw_nll import importance_weighted_nll
 from ilvae.models.base import LatentVariableModel
 from ilvae.models.contract import LatentTerm, two_level_terms
@@ -41,8 +41,7 @@ class LinearEncoder(Encoder):
         if std_t.numel() == 1:
             std_t = std_t.expand(latent_dim).clone()
         if std_t.numel() != latent_dim or not bool((std_t > 0).all() & std_t.isfinite().all()):
-            raise ValueError(f"std must be one positive number or {latent_dim} of them, "
-                             f"got {std!r}")
+            check("std", std, f"one positive number or {latent_dim} of them")
         self.learnable_variance = bool(learnable_variance)
         weight = torch.randn(latent_dim, self.data_dim) / math.sqrt(self.data_dim)
         self.weight = nn.Parameter(weight)
@@ -95,15 +94,14 @@ def _svdvals(weight: Tensor, count: int) -> Tensor:
 
 def _check_flag(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ConfigurationError(f"{field}={value!r} is not allowed: expected true or false")
+        check(field, value, "true or false")
     return value
 
 
 def _check_size(field: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
             or value <= 0:
-        raise ConfigurationError(f"{field}={value!r} is not allowed: expected a positive "
-                                 "integer")
+        check(field, value, "a positive integer")
     return int(value)
 
 
@@ -193,8 +191,8 @@ class LinearVAE(_LinearModel):
         shape = tuple(_check_size("data_shape", s) for s in data_shape)
         try:
             encoder = LinearEncoder(shape, latent_dim, learnable_variance, encoder_std)
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise ConfigurationError(f"encoder_std={encoder_std!r} is not allowed: {exc}") from exc
+        except (ValueError, TypeError, RuntimeError):
+            check("encoder_std", encoder_std, f"one positive number or {latent_dim} of them")
         decoder = LinearDecoder(latent_dim, math.prod(shape), sigma=eta_dec)
         super().__init__(data_shape, latent_dim, encoder, decoder,
                          StandardNormal(latent_dim, scale=eta_enc), optimizer, lr_scheduler)
@@ -402,7 +400,7 @@ class LinearHVAE(_LinearModel):
             return self.decoder_z1.singular_values()
         if level == 1:
             return self.decoder.singular_values()
-        raise ValueError(f"level must be 1 or 2, got {level!r}")
+        check("level", level, "1 or 2")
 
     @torch.no_grad()
     def kl_per_dimension(self, x: Tensor) -> Tensor:

@@ -106,7 +106,7 @@ from torch.distributions import Normal
 from ilvae._config import build_component
 from ilvae.decoders.base import DecoderCallable
 from ilvae.encoders import Encoder, EncoderCallable, MLPEncoder, check_hidden, mlp
-from ilvae.errors import ConfigurationError, check_number
+from ilvae.errors import ConfigurationError, check, check_number
 from ilvae.metrics.cluster_accuracy import ClusterAccuracy
 from ilvae.metrics.iw_nll import importance_weighted_nll
 from ilvae.models.base import LatentVariableModel
@@ -187,17 +187,14 @@ class MixtureVAE(LatentVariableModel):
                  lr_scheduler: LRSchedulerCallable | None = None) -> None:
         if isinstance(num_components, bool) or int(num_components) != num_components \
                 or num_components < 1:
-            raise ConfigurationError(f"num_components={num_components!r} is not allowed: "
-                                     "expected a positive integer")
+            check("num_components", num_components, "a positive integer")
         K = int(num_components)
         if l1_reading not in L1_READINGS:
-            raise ConfigurationError(f"l1_reading={l1_reading!r} is not allowed: expected one "
-                                     f"of {', '.join(map(repr, L1_READINGS))}")
+            check("l1_reading", l1_reading, f"one of {', '.join(map(repr, L1_READINGS))}")
         if L1 is not None and l1_reading == "decoder":
-            raise ConfigurationError(
-                f"L1={L1!r} is not allowed with l1_reading='decoder': expected None (L1 and L2 "
-                "are then the il_brenier decoder's L1, L2); for L1 on the class code → mean "
-                "map set l1_reading='prior_means'")
+            check("L1", L1, "None with l1_reading='decoder' (L1 and L2 are then the il_brenier "
+                  "decoder's L1, L2); for L1 on the class code → mean map set "
+                  "l1_reading='prior_means'")
         if L1 is not None:
             L1 = check_number("L1", L1)
         check_number("prior_scale", prior_scale, strict=True)
@@ -219,9 +216,8 @@ class MixtureVAE(LatentVariableModel):
         super().__init__(data_shape, latent_dim, conditional_encoder, decoder, mixture_prior,
                          optimizer, lr_scheduler)
         if self.decoder.likelihood.name == "gaussian_adaptive":
-            raise ConfigurationError(
-                "decoder likelihood='gaussian_adaptive' is not supported by MixtureVAE (its "
-                "batch variance ignores q(c|x)); use 'gaussian' or 'gaussian_learned'")
+            check("decoder.likelihood", "gaussian_adaptive", "'gaussian' or 'gaussian_learned' "
+                  "(MixtureVAE: the adaptive batch variance ignores q(c|x))")
         self.num_components = K
         self.l1_reading = l1_reading
         self.beta = check_number("beta", beta)

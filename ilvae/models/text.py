@@ -26,7 +26,7 @@ from torch.distributions import Normal
 from ilvae._config import build_component
 from ilvae.decoders.lstm import CLASS_OFFSET, LSTMDecoder
 from ilvae.encoders import LSTMEncoder
-from ilvae.errors import ConfigurationError, check, check_number
+from ilvae.errors import ConfigurationError, check, check_int, check_number
 from ilvae.metrics.iw_nll import iw_bound
 from ilvae.metrics.text_nll import TextNLL
 from ilvae.models.base import LatentVariableModel
@@ -35,12 +35,6 @@ from ilvae.priors import Prior, PriorCallable, StandardNormal
 from ilvae.tokens import EOS, PAD, SPECIALS, UNK
 
 Z_INJECTIONS = ("standard", "brenier")
-
-
-def _positive_int(field: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        check(field, value, f"an integer >= {minimum}")
-    return int(value)
 
 
 class TextVAE(LatentVariableModel):
@@ -125,23 +119,23 @@ class TextVAE(LatentVariableModel):
                                      "datamodule)")
         self.data_shape = shape
         self.max_length = self.data_dim = shape[0]
-        self.vocab_size = _positive_int("vocab_size", vocab_size, len(SPECIALS) + 1)
-        self.latent_dim = _positive_int("latent_dim", latent_dim)
-        embedding_dim = _positive_int("embedding_dim", embedding_dim)
-        hidden_dim = _positive_int("hidden_dim", hidden_dim)
+        self.vocab_size = check_int("vocab_size", vocab_size, len(SPECIALS) + 1)
+        self.latent_dim = check_int("latent_dim", latent_dim)
+        embedding_dim = check_int("embedding_dim", embedding_dim)
+        hidden_dim = check_int("hidden_dim", hidden_dim)
         if z_injection not in Z_INJECTIONS:
             check("z_injection", z_injection, f"one of {', '.join(map(repr, Z_INJECTIONS))}")
         if z_injection == "brenier" and self.vocab_size - CLASS_OFFSET - 1 < self.latent_dim:
-            raise ConfigurationError(
-                f"vocab_size={vocab_size} is too small for z_injection='brenier' with "
-                f"latent_dim={latent_dim}: the Brenier map needs vocab_size - 3 >= latent_dim")
+            check("vocab_size", vocab_size, f"an integer >= latent_dim + {CLASS_OFFSET + 1} = "
+                  f"{self.latent_dim + CLASS_OFFSET + 1} with z_injection='brenier' (the Brenier "
+                  f"map needs vocab_size - {CLASS_OFFSET + 1} >= latent_dim)")
         self.word_dropout = check_number("word_dropout", word_dropout)
         if self.word_dropout >= 1:
             check("word_dropout", word_dropout, "a probability in [0, 1)")
         self.beta = check_number("beta", beta)
         self.free_bits = check_number("free_bits", free_bits)
-        self.num_iw_samples = _positive_int("num_iw_samples", num_iw_samples, 0)
-        self.iw_chunk_size = _positive_int("iw_chunk_size", iw_chunk_size)
+        self.num_iw_samples = check_int("num_iw_samples", num_iw_samples, 0)
+        self.iw_chunk_size = check_int("iw_chunk_size", iw_chunk_size)
         self.encoder = LSTMEncoder(self.vocab_size, self.latent_dim, embedding_dim, hidden_dim)
         try:
             self.decoder = LSTMDecoder(self.vocab_size, self.latent_dim, embedding_dim,

@@ -13,7 +13,7 @@ from torch import Tensor
 from ilvae.checkpointing import load_block_weights
 from ilvae.decoders.base import DecoderCallable
 from ilvae.encoders import EncoderCallable
-from ilvae.errors import ConfigurationError, check, check_number
+from ilvae.errors import check, check_number
 from ilvae.likelihoods import Bernoulli, binarization_generator, binarize_fixed
 from ilvae.metrics.iw_nll import importance_weighted_nll
 from ilvae.models.base import LatentVariableModel
@@ -69,7 +69,7 @@ class VAE(LatentVariableModel):
         self.beta = check_number("beta", beta)
         self.free_bits = check_number("free_bits", free_bits)
         if not isinstance(compile, bool):
-            raise ConfigurationError(f"compile={compile!r} is not allowed: expected true or false")
+            check("compile", compile, "true or false")
         blocks = ("encoder", "decoder") if init_blocks is None else tuple(init_blocks)
         if not blocks or not set(blocks) <= {"encoder", "decoder"}:
             check("init_blocks", init_blocks, "a non-empty list of 'encoder', 'decoder'")

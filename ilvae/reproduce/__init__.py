@@ -46,7 +46,7 @@ def run_study(study: str, out: str | Path, quick: bool = False, seed: int = 0,
     from ilvae.reproduce.common import StudyContext
 
     if study not in STUDIES:
-        raise ConfigurationError(f"study={study!r} is unknown; choose one of "
+        raise ConfigurationError(f"study={study!r} is not allowed: expected one of "
                                  f"{', '.join(available())}")
     try:
         module = importlib.import_module(STUDIES[study])

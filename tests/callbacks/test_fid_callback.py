@@ -116,18 +116,24 @@ def test_sample_is_seeded_in_eval_mode_and_restores_state():
 
 
 def test_bad_configuration_is_rejected_early(tmp_path):
-    with pytest.raises(ConfigurationError, match="weights_path"):
+    with pytest.raises(ConfigurationError, match=r"^weights_path=None is not allowed: expected "
+                                                 "a classifier file"):
         FID(feature_extractor=fid.CLASSIFIER_EXTRACTOR)
-    with pytest.raises(ConfigurationError, match="not registered"):
+    with pytest.raises(ConfigurationError, match=r"^feature_extractor='no-such-network' is not "
+                                                 "allowed: expected one of the extractors "
+                                                 "registered with torch-fidelity: .*inception"):
         FID(feature_extractor="no-such-network")
-    with pytest.raises(ConfigurationError, match="every_n_epochs"):
+    with pytest.raises(ConfigurationError, match=r"^every_n_epochs=0 is not allowed: expected an "
+                                                 r"integer >= 1$"):
         FID(every_n_epochs=0)
-    with pytest.raises(ConfigurationError, match="stage"):
+    with pytest.raises(ConfigurationError, match=r"^stage='holdout' is not allowed: expected one "
+                                                 "of train, fit, val"):
         FID(stage="holdout")
     # A missing classifier file without train_classifier stops fit before the first step.
     callback = FID(feature_extractor=fid.CLASSIFIER_EXTRACTOR, weights_path=str(tmp_path / "no"))
     model = VAE(data_shape=(1, 8, 8), latent_dim=2)
-    with pytest.raises(ConfigurationError, match="not a file"):
+    with pytest.raises(ConfigurationError, match=r"^weights_path='.*no' is not allowed: expected "
+                                                 "an existing file"):
         _trainer(tmp_path, callback, max_epochs=1).fit(model, datamodule=Digits())
 
 

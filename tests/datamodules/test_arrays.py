@@ -79,7 +79,8 @@ def _save(path, array):
 @pytest.mark.parametrize(
     ("name", "array", "pattern"),
     [
-        ("x.csv", None, r"path=.*x\.csv.*unsupported extension '\.csv'; allowed: \.npy, \.pt"),
+        ("x.csv", None,
+         r"^path=.*x\.csv' is not allowed: expected a file with extension \.npy, \.pt.*'\.csv'"),
         ("x.npy", np.zeros((0, 3)), r"path=.*x\.npy.*empty array of shape \(0, 3\)"),
         ("x.npy", np.zeros((3, 0)), r"path=.*x\.npy.*empty array of shape \(3, 0\)"),
         ("x.npy", np.float64(1.0), r"path=.*x\.npy.*shape \(N, \.\.\.\).*got shape \(\)"),
@@ -144,5 +145,6 @@ def test_bad_labels_are_rejected_naming_the_labels_path(tmp_path, labels, patter
 
 def test_common_arguments_are_validated(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((3, 2)))
-    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got -4"):
+    with pytest.raises(ValueError,
+                       match=r"^batch_size=-4 is not allowed: expected an integer >= 1$"):
         ArrayDataModule(path=str(tmp_path / "x.npy"), batch_size=-4)

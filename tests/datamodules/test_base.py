@@ -161,7 +161,8 @@ def test_drop_last_drops_only_the_incomplete_training_batch():
     dm = Indexed(n=50, batch_size=16, val_fraction=0.0, drop_last=True)
     assert [len(x) for x, _ in dm.train_dataloader()] == [16, 16, 16]
     assert [len(x) for x, _ in dm.test_dataloader()] == [16, 16, 16, 2]
-    with pytest.raises(ValueError, match="batch_size=64 with drop_last=True"):
+    with pytest.raises(ValueError, match=r"^batch_size=64 is not allowed: expected at most "
+                                         "the 45 training examples with drop_last=True"):
         Indexed(n=50, batch_size=64, drop_last=True).setup()
 
 
@@ -177,12 +178,15 @@ def test_seeded_generator_streams_are_reproducible_and_independent():
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
-        ({"batch_size": 2.5}, r"batch_size must be an integer >= 1, got 2.5"),
-        ({"val_fraction": 1.0}, r"val_fraction must be a number in \[0, 1\), got 1.0"),
-        ({"val_fraction": -0.1}, r"val_fraction must be a number in \[0, 1\), got -0.1"),
-        ({"seed": -1}, r"seed must be an integer >= 0, got -1"),
-        ({"num_workers": -2}, r"num_workers must be an integer >= 0, got -2"),
+        ({"batch_size": 0}, r"^batch_size=0 is not allowed: expected an integer >= 1$"),
+        ({"batch_size": 2.5}, r"^batch_size=2.5 is not allowed: expected an integer >= 1$"),
+        ({"val_fraction": 1.0},
+         r"^val_fraction=1.0 is not allowed: expected a number in \[0, 1\)$"),
+        ({"val_fraction": -0.1},
+         r"^val_fraction=-0.1 is not allowed: expected a number in \[0, 1\)$"),
+        ({"seed": -1}, r"^seed=-1 is not allowed: expected an integer >= 0$"),
+        ({"num_workers": -2}, r"^num_workers=-2 is not allowed: expected an integer >= 0$"),
+        ({"drop_last": "yes"}, r"^drop_last='yes' is not allowed: expected true or false$"),
     ],
 )
 def test_bad_arguments_are_rejected_with_one_line_naming_field_and_value(kwargs, pattern):
@@ -211,7 +215,8 @@ def test_bad_data_are_rejected_at_setup(x, y, pattern):
 
 
 def test_unknown_stage_is_rejected():
-    with pytest.raises(ValueError, match=r"stage must be one of .*'train'.*got 'training'"):
+    with pytest.raises(ValueError,
+                       match=r"^stage='training' is not allowed: expected one of .*\btrain\b"):
         Indexed().tensors("training")
 
 

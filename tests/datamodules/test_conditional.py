@@ -105,7 +105,8 @@ def test_quarters_follow_the_image_modules_subsample(tmp_path, no_network):
 
 
 def test_quarters_reject_an_unknown_dataset_and_name_missing_files(tmp_path, no_network):
-    with pytest.raises(ValueError, match="dataset='KMNIST' is unknown"):
+    with pytest.raises(ValueError, match=r"^dataset='KMNIST' is not allowed: expected one of "
+                                         "MNIST, FashionMNIST$"):
         MNISTQuarters(dataset="KMNIST")
     with pytest.raises(ValueError, match="subsample"):
         MNISTQuarters(subsample=0)
@@ -163,11 +164,12 @@ def test_linear_pairs_depend_on_the_seed_only():
 
 
 @pytest.mark.parametrize(("kw", "pattern"), [
-    ({"correlation": 1.0}, r"correlation must be a finite number in \[0, 1\)"),
-    ({"variances": [1.0, 0.0]}, "variances must all be > 0"),
-    ({"variances": []}, "variances must list"),
-    ({"x_dim": 0}, "x_dim must be an integer >= 1"),
-    ({"num_samples": 1}, "num_samples must be an integer >= 2"),
+    ({"correlation": 1.0}, r"^correlation=1.0 is not allowed: expected a number in \[0, 1\)$"),
+    ({"variances": [1.0, 0.0]},
+     r"^variances=\[1.0, 0.0\] is not allowed: expected a non-empty list of finite numbers > 0"),
+    ({"variances": []}, r"^variances=\[\] is not allowed: expected a non-empty list"),
+    ({"x_dim": 0}, r"^x_dim=0 is not allowed: expected an integer >= 1$"),
+    ({"num_samples": 1}, r"^num_samples=1 is not allowed: expected an integer >= 2$"),
 ])
 def test_linear_pairs_reject_bad_arguments(kw, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -339,5 +341,6 @@ def test_mnist5k_quarters_cut_as_the_mnist_quarters_do():
     assert torch.equal(label, labels)
     with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):
         MNIST5kQuarters.split(torch.zeros(2, 1, 8, 8))
-    with pytest.raises(ValueError, match="^test_fraction must be a number in"):
+    with pytest.raises(ValueError,
+                       match=r"^test_fraction=0 is not allowed: expected a number in \(0, 1\)$"):
         MNIST5kQuarters(test_fraction=0)

@@ -91,7 +91,8 @@ def test_digits_test_split_is_fixed_while_train_val_follow_the_seed():
 
 
 def test_digits_rejects_a_bad_test_fraction():
-    with pytest.raises(ValueError, match=r"test_fraction must be a number in \(0, 1\), got 1.5"):
+    with pytest.raises(ValueError,
+                       match=r"^test_fraction=1.5 is not allowed: expected a number in \(0, 1\)$"):
         Digits(test_fraction=1.5)
 
 
@@ -135,7 +136,8 @@ def test_mnist_split_and_subsample_draw_from_the_training_images(tmp_path, no_ne
 def test_subsample_larger_than_the_training_set_is_rejected(tmp_path, no_network):
     write_mnist_like(tmp_path, "MNIST", n_train=20)
     dm = MNIST(root=str(tmp_path), download=False, subsample=21)
-    with pytest.raises(ValueError, match=r"subsample must be at most the 20 .*got 21"):
+    with pytest.raises(ValueError, match=r"^subsample=21 is not allowed: expected None or at most "
+                                         "the 20 training images$"):
         dm.setup()
 
 
@@ -163,9 +165,10 @@ def test_a_failed_download_names_the_root(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"subsample": 0}, r"subsample must be None or an integer >= 1, got 0"),
-        ({"root": ""}, r"root must be a non-empty folder path"),
-        ({"val_fraction": 2}, r"val_fraction must be a number in \[0, 1\), got 2"),
+        ({"subsample": 0}, r"^subsample=0 is not allowed: expected None or an integer >= 1$"),
+        ({"root": ""}, r"^root='' is not allowed: expected a non-empty folder path$"),
+        ({"val_fraction": 2}, r"^val_fraction=2 is not allowed: expected a number in \[0, 1\)$"),
+        ({"download": 1}, r"^download=1 is not allowed: expected true or false$"),
     ],
 )
 def test_mnist_rejects_bad_arguments(kwargs, pattern):

@@ -80,11 +80,11 @@ def test_same_seed_gives_the_same_training_sample():
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"sigma": 0.0}, r"sigma must be a finite number > 0, got 0.0"),
-        ({"sigma": -1.0}, r"sigma must be a finite number > 0, got -1.0"),
-        ({"sigma": float("nan")}, r"sigma must be a finite number > 0, got nan"),
-        ({"num_samples": 1}, r"num_samples must be an integer >= 2, got 1"),
-        ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
+        ({"sigma": 0.0}, r"^sigma=0.0 is not allowed: expected a finite number > 0$"),
+        ({"sigma": -1.0}, r"^sigma=-1.0 is not allowed: expected a finite number > 0$"),
+        ({"sigma": float("nan")}, r"^sigma=nan is not allowed: expected a finite number > 0$"),
+        ({"num_samples": 1}, r"^num_samples=1 is not allowed: expected an integer >= 2$"),
+        ({"batch_size": 0}, r"^batch_size=0 is not allowed: expected an integer >= 1$"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs, pattern):

@@ -204,7 +204,7 @@ def test_schedulable_names_follow_the_reading_and_set_the_constants_they_name():
 
 
 def test_L1_on_the_model_with_the_default_reading_is_refused_naming_the_fix():
-    with pytest.raises(ConfigurationError, match="L1=5.0 is not allowed with "
+    with pytest.raises(ConfigurationError, match=r"^L1=5.0 is not allowed: expected None with "
                        "l1_reading='decoder'.*l1_reading='prior_means'"):
         MixtureVAE(data_shape=(2,), latent_dim=2, num_components=2, L1=5.0)
 

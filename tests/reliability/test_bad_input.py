@@ -39,25 +39,29 @@ GAUSS = ["--model.decoder=mlp", "--model.decoder.likelihood=gaussian"]
 
 
 @pytest.mark.parametrize("args,expected", [
-    ([*IL, "--model.decoder.L=-1"], ["L", "-1", ">= 0"]),
+    ([*IL, "--model.decoder.L=-1"], ["L=-1.0 is not allowed: expected a finite number >= 0"]),
     ([*IL, "--model.decoder.L=nan"], ["model.decoder.L='nan'", "finite number"]),
-    ([*LIP, "--model.decoder.K=-2"], ["K", "-2", "> 0"]),
+    ([*LIP, "--model.decoder.K=-2"], ["K=-2.0 is not allowed: expected a finite number > 0"]),
     ([*LIP, "--model.decoder.K=inf"], ["model.decoder.K='inf'", "finite number"]),
     (["--model.beta=-0.5"], ["beta=-0.5", ">= 0"]),
     (["--model.beta=-inf"], ["model.beta='-inf'", "finite number"]),
-    ([*GAUSS, "--model.decoder.sigma=0"], ["sigma", "0", "> 0"]),
+    ([*GAUSS, "--model.decoder.sigma=0"],
+     ["sigma=0.0 is not allowed: expected a finite number > 0"]),
     ([*GAUSS, "--model.decoder.sigma=nan"], ["model.decoder.sigma='nan'", "finite number"]),
     (["--model.latent_dim=0"], ["latent_dim=0", "positive integer"]),
     (["--model.latent_dim=-4"], ["latent_dim=-4", "positive integer"]),
     (["--model.decoder=nosuch"],
-     ["model.decoder='nosuch' is unknown", "ar_elbo, il_brenier, lipschitz, mlp"]),
+     ["model.decoder='nosuch' is not allowed: expected one of",
+      "ar_elbo, il_brenier, lipschitz, mlp"]),
     ([*GAUSS[:1], "--model.decoder.likelihood=poisson"],
-     ["likelihood='poisson' is unknown", "bernoulli, categorical, gaussian"]),
+     ["likelihood='poisson' is not allowed: expected one of", "bernoulli, categorical, gaussian"]),
     (["--model.decoder.likelihood=gaussian"],  # the configured ar_elbo has no such option
      ["model.decoder.likelihood is not an option of ilvae.decoders.ARELBODecoder",
       "hidden, activation, per_dimension, momentum"]),
-    (["--model.prior=nosuch"], ["model.prior='nosuch' is unknown", "StandardNormal"]),
-    (["--model=NoSuchModel"], ["model='NoSuchModel' is unknown", "VAE", "Autoencoder"]),
+    (["--model.prior=nosuch"],
+     ["model.prior='nosuch' is not allowed: expected one of", "StandardNormal"]),
+    (["--model=NoSuchModel"],
+     ["model='NoSuchModel' is not allowed: expected one of", "VAE", "Autoencoder"]),
 ])
 def test_bad_configuration_is_one_line_naming_field_value_and_allowed(tmp_path, capsys, args,
                                                                       expected):
