@@ -265,20 +265,26 @@ def fit(ctx: StudyContext, name: str, model: L.LightningModule, datamodule: Any,
 
 def step_seconds(model: L.LightningModule, datamodule: Any, steps: int = 20,
                  warmup: int = 5) -> float:
-    """Median seconds per training step of ``model`` over ``steps`` steps after ``warmup``,
+    """Median seconds per training batch of ``model`` over ``steps`` batches after ``warmup``,
     measured in a throwaway Trainer (no logger, no checkpoint): the cost of a size this run does
-    not train, for the expected full-size time."""
+    not train, for the expected full-size time. Counted in batches, not optimiser steps, so a
+    model that takes several steps per batch (the lagging encoder's inner loop) is timed per
+    batch too."""
     import statistics
+
+    batches = steps + warmup + 1
 
     class _Clock(L.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
 
-        def on_train_batch_start(self, *args: Any) -> None:
+        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
             self.times.append(time.perf_counter())
+            if len(self.times) >= batches:
+                trainer.should_stop = True
 
     clock = _Clock()
-    L.Trainer(max_steps=steps + warmup + 1, accelerator="cpu", devices=1, logger=False,
+    L.Trainer(max_epochs=-1, accelerator="cpu", devices=1, logger=False,
               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
               limit_val_batches=0, callbacks=[clock]).fit(model, datamodule)
     gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)][warmup:]

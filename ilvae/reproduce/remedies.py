@@ -272,9 +272,10 @@ def _report(ctx, rows, missing, summary, size, seeds, regimes, clf) -> None:
                  "(its KL, MI, active units and FID are). Mutual information is the "
                  f"whole-test-set estimator, capped at log {n_test} = {math.log(n_test):.2f} nats."
                  " `seconds_per_epoch`: wall time of each training run's epochs (validation "
-                 "included); `step_ms`: median time of one training step (model only, no "
+                 "included); `step_ms`: median time of one training batch (model only, no "
                  f"callbacks), over {size['timing_rounds']} rounds of {size['timing_steps']} "
-                 "steps that visit every row in turn.")
+                 "batches that visit every row in turn (for `lagging`, a batch of its "
+                 "aggressive phase: all its inner encoder steps and one decoder step).")
     if ctx.quick:
         full = _size(False)
         size_note += (" Quick size: one seed, fewer epochs, smaller K and fewer IW images "
