@@ -415,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         from ilvae import reproduce
 
         return reproduce.main(argv[1:])
+    if argv[:1] == ["sweep"]:
+        from ilvae import sweep
+
+        return sweep.main(argv[1:])
     _STATE["running"] = False
     try:
         run(argv)

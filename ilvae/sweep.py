@@ -1,0 +1,539 @@
+"""``ilvae sweep``: many ``ilvae fit`` runs as Optuna trials, run by parallel worker processes.
+
+    ilvae sweep --config FILE --grid model.decoder.L=0,0.5,1 --grid seed_everything=0,1,2 \\
+        --jobs 2 --out sweeps/L [-- extra fit arguments]
+
+Every ``--grid KEY=v1,v2,…`` names an ``ilvae fit`` option without its leading dashes; the
+sweep runs every combination once, through Optuna's :class:`~optuna.samplers.GridSampler`. With
+``--n-trials N`` it searches instead: a sampler (TPE, or ``--sampler random``) draws ``N``
+trials, ``--search KEY=float:LOW:HIGH[:log]`` or ``KEY=int:LOW:HIGH[:log]`` giving a range,
+``--grid`` keys becoming choices, towards ``--direction`` of ``--metric``.
+
+The trials share one Optuna storage: ``DIR/study.journal`` (a JournalStorage file, no server) by
+default, or ``--storage URL`` (an RDB URL such as ``postgresql://user@host/db``) that workers on
+several machines share. Each of the ``--jobs`` worker processes asks the storage for the next
+trial and runs it as an ``ilvae fit`` under ``DIR/runs/trial_NNNN``. The fit runs inside the
+worker (``ilvae.cli.main``), so torch and Lightning are imported once per worker rather than once
+per trial; ``--subprocess`` runs each fit as a fresh ``python -m ilvae.cli`` instead, isolated
+from the trials before it. A fit's output goes to ``fit.log`` beside its run.
+
+Each trial's final metrics are read from the ``summary.json`` that the run summary writes. The
+sweep ends by writing ``DIR/results.csv`` (one row per run: trial, state, swept values, metrics,
+run directory, error) and ``DIR/report.md`` with a table and a plot of ``--metric`` against each
+swept value. Rerunning the same command resumes: trials that finished are not run again (a
+failed one only with ``--retry-failed``). A failed trial is recorded with its one-line error and
+the other trials go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ilvae.errors import ConfigurationError, check
+
+STUDY = "sweep"
+_RANGE = re.compile(r"^(float|int):([^:]+):([^:]+)(:log)?$")
+
+
+# --------------------------------------------------------------------------- definition
+@dataclass
+class Sweep:
+    """What a sweep runs; stored with the study, so a rerun can check it is the same sweep."""
+
+    config: list[str]
+    out: str
+    grid: dict[str, list[str]] = field(default_factory=dict)
+    search: dict[str, list[Any]] = field(default_factory=dict)  # key -> [kind, low, high, log]
+    extra: list[str] = field(default_factory=list)
+    n_trials: int | None = None
+    metric: str = "val/elbo"
+    direction: str = "maximize"
+    sampler: str = "tpe"
+    seed: int = 0
+    storage: str | None = None
+    subprocess: bool = False
+    retry_failed: bool = False
+
+    @property
+    def keys(self) -> list[str]:
+        return [*self.grid, *self.search]
+
+    def definition(self) -> dict[str, Any]:
+        """The parts that make two commands the same sweep."""
+        return {k: v for k, v in asdict(self).items()
+                if k in ("config", "grid", "search", "extra", "n_trials", "sampler")}
+
+    def fit_args(self, params: dict[str, Any], root: str) -> list[str]:
+        args = ["fit"]
+        for config in self.config:
+            args += ["--config", config]
+        args += self.extra
+        args += [f"--{key}={_text(params[key])}" for key in self.keys]
+        return [*args, f"--trainer.default_root_dir={root}"]
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b,[1,2]`` → ``['a', 'b', '[1,2]']``: commas inside brackets or braces stay."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    values.append(current.strip())
+    return values
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``["KEY=v1,v2", …]`` → ``{KEY: [v1, v2]}``, or a one-line error."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        values = split_values(text) if eq else []
+        if (not key or key.startswith("-") or not values or "" in values
+                or len(set(values)) != len(values)):
+            check("grid", item, "KEY=v1,v2,… with KEY an `ilvae fit` option without its "
+                  "leading dashes (model.decoder.L=0,0.5,1) and distinct, non-empty values")
+        if key in grid:
+            check("grid", item, f"each KEY once ({key} is given twice)")
+        grid[key] = values
+    return grid
+
+
+def parse_search(items: list[str]) -> dict[str, list[Any]]:
+    """``["KEY=float:LOW:HIGH[:log]" | "KEY=int:LOW:HIGH[:log]", …]`` → ``{KEY: [kind, low,
+    high, log]}``, or a one-line error."""
+    search: dict[str, list[Any]] = {}
+    expected = ("KEY=float:LOW:HIGH, KEY=float:LOW:HIGH:log, KEY=int:LOW:HIGH or "
+                "KEY=int:LOW:HIGH:log with LOW < HIGH (LOW > 0 for log)")
+    for item in items:
+        key, _, text = item.partition("=")
+        match = _RANGE.match(text.strip())
+        if not key or key.startswith("-") or match is None or key in search:
+            check("search", item, expected)
+        kind, log = match.group(1), bool(match.group(4))
+        try:
+            low, high = (float(match.group(i)) if kind == "float" else int(match.group(i))
+                         for i in (2, 3))
+        except ValueError:
+            check("search", item, expected)
+        if not (math.isfinite(low) and math.isfinite(high) and low < high) or (log and low <= 0):
+            check("search", item, expected)
+        search[key] = [kind, low, high, log]
+    return search
+
+
+def check_metric(name: str) -> str:
+    """``name`` if the run summary can hold it (``val/elbo``, ``val/kl_z1``, ``train/beta_2``)."""
+    from ilvae.callbacks.summary import STEMS
+
+    stems = "|".join(re.escape(s) for s in STEMS)
+    if not (re.fullmatch(rf"(train|val|test)/({stems})(_z\d+)?", name)
+            or re.fullmatch(r"train/[A-Za-z_]\w*", name)):  # a model's schedulable parameter
+        check("metric", name, "a metric of the run summary: STAGE/NAME with STAGE train, val or "
+              f"test and NAME one of {', '.join(STEMS)} (optionally _z1, _z2 … per latent "
+              "level), or train/<schedulable hyper-parameter>")
+    return name
+
+
+# --------------------------------------------------------------------------- storage
+def storage_of(sweep: Sweep) -> Any:
+    """The Optuna storage: the RDB URL given, or a JournalStorage file in the output folder."""
+    import optuna
+
+    if sweep.storage:
+        return sweep.storage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = os.path.join(sweep.out, "study.journal")
+    return optuna.storages.JournalStorage(JournalFileBackend(path))
+
+
+def sampler_of(sweep: Sweep) -> Any:
+    import optuna
+
+    if sweep.n_trials is None:
+        class Grid(optuna.samplers.GridSampler):
+            """GridSampler whose end of grid is found by :func:`remaining`: its own check
+            calls ``study.stop()``, which only ``study.optimize`` allows, and workers here use
+            ask and tell."""
+
+            def after_trial(self, *args: Any) -> None:
+                pass
+
+        return Grid(sweep.grid, seed=sweep.seed)
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=sweep.seed)
+    return optuna.samplers.TPESampler(seed=sweep.seed)
+
+
+def load_study(sweep: Sweep, create: bool = False) -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage, sampler = storage_of(sweep), sampler_of(sweep)
+    if not create:
+        return optuna.load_study(study_name=STUDY, storage=storage, sampler=sampler)
+    study = optuna.create_study(study_name=STUDY, storage=storage, sampler=sampler,
+                                direction=sweep.direction, load_if_exists=True)
+    stored = study.user_attrs.get("sweep")
+    if stored is None:
+        study.set_user_attr("sweep", sweep.definition())
+    elif stored != json.loads(json.dumps(sweep.definition())):
+        where = sweep.storage or os.path.join(sweep.out, "study.journal")
+        raise ConfigurationError(f"out={sweep.out!r}: its storage {where} holds a different "
+                                 "sweep (other config, grid, search or fit arguments); choose "
+                                 "another --out (or --storage) to start a new one")
+    return study
+
+
+def _suggest(trial: Any, sweep: Sweep) -> dict[str, Any]:
+    params = {key: trial.suggest_categorical(key, values) for key, values in sweep.grid.items()}
+    for key, (kind, low, high, log) in sweep.search.items():
+        suggest = trial.suggest_float if kind == "float" else trial.suggest_int
+        params[key] = suggest(key, low, high, log=log)
+    return params
+
+
+def _states() -> Any:
+    from optuna.trial import TrialState
+
+    return TrialState
+
+
+def _live(study: Any) -> list[Any]:
+    """The study's trials, less those pruned as duplicates."""
+    return [t for t in study.get_trials(deepcopy=False) if t.state != _states().PRUNED]
+
+
+def _counted(sweep: Sweep) -> tuple[Any, ...]:
+    """States of the trials that use up a grid point or one of ``n_trials``: a failed grid
+    point is run again only when queued by :func:`queue_failed`; a failed search trial is
+    replaced by a new one under ``--retry-failed``."""
+    state = _states()
+    retry = sweep.retry_failed and sweep.n_trials is not None
+    return (state.COMPLETE, state.RUNNING, state.WAITING, *(() if retry else (state.FAIL,)))
+
+
+def _grid_points(sweep: Sweep) -> list[tuple[str, ...]]:
+    import itertools
+
+    return list(itertools.product(*sweep.grid.values()))
+
+
+def _point(params: dict[str, Any], sweep: Sweep) -> tuple[Any, ...]:
+    return tuple(params.get(key) for key in sweep.grid)
+
+
+def remaining(study: Any, sweep: Sweep) -> int:
+    """Trials still to run: queued ones, plus grid points that no trial holds or what is left of
+    ``n_trials``."""
+    trials = _live(study)
+    waiting = sum(t.state == _states().WAITING for t in trials)
+    if sweep.n_trials is not None:
+        return max(sweep.n_trials - sum(t.state in _counted(sweep) for t in trials), 0) + waiting
+    taken = {_point(t.params, sweep) for t in trials if t.state in _counted(sweep)}
+    return waiting + sum(1 for point in _grid_points(sweep) if point not in taken)
+
+
+def queue_failed(study: Any, sweep: Sweep) -> int:
+    """Queue the grid points whose trials all failed for one more run (``--retry-failed``)."""
+    state = _states()
+    trials = _live(study)
+    done = {_point(t.params, sweep) for t in trials
+            if t.state in (state.COMPLETE, state.RUNNING, state.WAITING)}
+    failed = {}
+    for t in trials:
+        point = _point(t.params, sweep)
+        if t.state == state.FAIL and point not in done:
+            failed[point] = dict(t.params)
+    for params in failed.values():
+        study.enqueue_trial(params)
+    return len(failed)
+
+
+def _duplicate(study: Any, sweep: Sweep, trial: Any, params: dict[str, Any]) -> bool:
+    """Whether another trial holds this grid point already (workers racing at the end of the
+    grid), or this trial is one over ``n_trials``."""
+    state = _states()
+    trials = [t for t in _live(study) if t.number != trial.number]
+    if sweep.n_trials is not None:
+        return sum(t.number < trial.number and t.state in _counted(sweep)
+                   for t in trials) >= sweep.n_trials
+    return any(_point(t.params, sweep) == _point(params, sweep) for t in trials
+               if t.state in (state.COMPLETE, state.RUNNING))
+
+
+# --------------------------------------------------------------------------- one trial
+def _redirected(path: str):
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so Lightning's loggers
+    too) to ``path`` while the block runs."""
+    @contextlib.contextmanager
+    def block():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        with open(path, "a", encoding="utf-8") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
+    return block()
+
+
+def _error_line(log: str) -> str:
+    """The one line that says why a fit failed, from its log."""
+    lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines()
+             if line.strip()]
+    errors = [line for line in lines if line.startswith("ilvae: error:")]
+    if errors:
+        return errors[-1][len("ilvae: error:"):].strip()
+    return lines[-1] if lines else "the fit failed without a message"
+
+
+def run_fit(sweep: Sweep, params: dict[str, Any], root: str) -> tuple[dict[str, Any], str]:
+    """Run one ``ilvae fit``; return its summary (or ``{}``) and an error line (or ``""``)."""
+    os.makedirs(root, exist_ok=True)
+    log = os.path.join(root, "fit.log")
+    args = sweep.fit_args(params, root)
+    with open(log, "a", encoding="utf-8") as stream:
+        stream.write("ilvae " + " ".join(shlex.quote(a) for a in args) + "\n")
+    if sweep.subprocess:
+        with open(log, "a", encoding="utf-8") as stream:
+            code = subprocess.call([sys.executable, "-m", "ilvae.cli", *args],
+                                   stdout=stream, stderr=subprocess.STDOUT)
+    else:
+        from ilvae.cli import main
+
+        with _redirected(log):
+            try:
+                code = main(args)
+            except Exception as exc:  # a failure while training: recorded, the sweep goes on
+                import traceback
+
+                traceback.print_exc()
+                return {}, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0:1] or ''}"
+    if code != 0:
+        return {}, _error_line(log)
+    found = sorted(Path(root).rglob("summary.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return {}, f"no summary.json under {root} (is the run summary off, or does the " \
+            "config's logger write elsewhere?)"
+    summary = json.loads(found[-1].read_text())
+    return {"run_dir": str(found[-1].parent), **summary}, ""
+
+
+def work(sweep: Sweep, worker: int = 0) -> int:
+    """One worker: take trials from the storage and run them until none is left; returns the
+    number of fits it ran."""
+    state = _states()
+    study = load_study(sweep)
+    fits = 0
+    while remaining(study, sweep) > 0:
+        trial = study.ask()
+        params = _suggest(trial, sweep)
+        if _duplicate(study, sweep, trial, params):
+            study.tell(trial, state=state.PRUNED)  # another worker took it meanwhile
+            continue
+        root = os.path.join(sweep.out, "runs", f"trial_{trial.number:04d}")
+        trial.set_user_attr("root", root)
+        summary, error = run_fit(sweep, params, root)
+        fits += 1
+        value = summary.get(sweep.metric)
+        if not error and value is None:
+            error = (f"summary.json has no finite {sweep.metric} (it has "
+                     f"{', '.join(k for k in summary if '/' in k) or 'no metrics'})")
+        trial.set_user_attr("summary", summary)
+        if error:
+            trial.set_user_attr("error", error)
+            study.tell(trial, state=state.FAIL)
+        else:
+            study.tell(trial, value)
+        shown = ", ".join(f"{k}={_text(v)}" for k, v in params.items())
+        result = f"failed: {error}" if error else f"{sweep.metric}={value:.6g}"
+        print(f"ilvae: sweep worker {worker}: trial {trial.number} ({shown}): {result}",
+              flush=True)
+    return fits
+
+
+# --------------------------------------------------------------------------- checks
+def check_fit_arguments(sweep: Sweep, limit: int = 32) -> None:
+    """Parse the ``ilvae fit`` command of each grid point (of each swept value, one key at a
+    time, for a grid over ``limit`` points; of each range's ends) without running it, so that an
+    unknown option or a value of the wrong type is reported once, before any trial starts."""
+    import io
+
+    from ilvae import cli
+
+    choices = {**sweep.grid, **{k: [low, high] for k, (_, low, high, _) in sweep.search.items()}}
+    first = {key: values[0] for key, values in choices.items()}
+    if math.prod(len(v) for v in choices.values()) <= limit:
+        import itertools
+
+        points = [dict(zip(choices, combo, strict=True))
+                  for combo in itertools.product(*choices.values())]
+    else:
+        points = [{**first, key: value} for key, values in choices.items() for value in values]
+    for params in points:
+        args = sweep.fit_args(params, os.path.join(sweep.out, "runs", "check"))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                cli.run([*args, "--print_config"])
+        except SystemExit:
+            continue  # parsed; --print_config stops there
+        except argparse.ArgumentError as exc:
+            raise ConfigurationError(cli.argument_error_line(exc)) from exc
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            raise ConfigurationError(cli.user_error_line(exc)) from exc
+
+
+def parse_args(argv: list[str]) -> tuple[Sweep, argparse.Namespace]:
+    """The sweep a command line asks for, or a one-line :class:`ConfigurationError`."""
+    extra: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, extra = argv[:at], argv[at + 1:]
+    parser = argparse.ArgumentParser(prog="ilvae sweep", exit_on_error=False,
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", default=[],
+                        help="the `ilvae fit` configuration (repeat to layer several)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=v1,v2",
+                        help="a fit option (no leading dashes) and its values")
+    parser.add_argument("--search", action="append", default=[], metavar="KEY=RANGE",
+                        help="with --n-trials: float:LOW:HIGH[:log] or int:LOW:HIGH[:log]")
+    parser.add_argument("--n-trials", type=int, default=None,
+                        help="search with a sampler for this many trials instead of a grid")
+    parser.add_argument("--sampler", default="tpe", help="tpe or random (searches only)")
+    parser.add_argument("--metric", default="val/elbo", help="summary metric to plot/optimise")
+    parser.add_argument("--direction", default=None, help="minimize or maximize")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes on this machine")
+    parser.add_argument("--out", default=None, help="folder for the runs, results and report")
+    parser.add_argument("--storage", default=None,
+                        help="RDB URL shared by several machines (default: DIR/study.journal)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    parser.add_argument("--subprocess", action="store_true",
+                        help="run each fit in a fresh process")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="run failed trials again (a search draws new ones instead)")
+    parser.add_argument("--fail-running", action="store_true",
+                        help="mark trials left running by an interrupted sweep as failed")
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as exc:
+        raise ConfigurationError(str(exc)) from exc
+    if unknown:
+        raise ConfigurationError(f"{unknown[0]} is not an option of `ilvae sweep`: give fit "
+                                 "options after `--`, or sweep them with --grid KEY=v1,v2")
+    if not args.config:
+        check("config", None, "an `ilvae fit` configuration file (--config FILE)")
+    if not args.out:
+        check("out", None, "a folder for the runs, results and report (--out DIR)")
+    if args.jobs < 1:
+        check("jobs", args.jobs, "an integer >= 1")
+    for config in args.config:
+        if not Path(config).is_file():
+            check("config", config, "an existing configuration file")
+    grid, search = parse_grid(args.grid), parse_search(args.search)
+    if set(grid) & set(search):
+        check("search", sorted(set(grid) & set(search))[0], "a key not also given to --grid")
+    if args.n_trials is None:
+        if search:
+            check("n_trials", None, "a number of trials (>= 1) for a --search")
+        if not grid:
+            check("grid", None, "at least one --grid KEY=v1,v2,…")
+    elif args.n_trials < 1 or not (grid or search):
+        check("n_trials", args.n_trials, "an integer >= 1 with at least one --search or --grid")
+    if args.sampler not in ("tpe", "random"):
+        check("sampler", args.sampler, "tpe or random")
+    if args.direction is None and args.n_trials is not None:
+        check("direction", None, "minimize or maximize, for the --metric a search optimises")
+    if args.direction not in (None, "minimize", "maximize"):
+        check("direction", args.direction, "minimize or maximize")
+    return Sweep(config=args.config, out=args.out, grid=grid, search=search, extra=extra,
+                 n_trials=args.n_trials, metric=check_metric(args.metric),
+                 direction=args.direction or "maximize", sampler=args.sampler, seed=args.seed,
+                 storage=args.storage, subprocess=args.subprocess,
+                 retry_failed=args.retry_failed), args
+
+
+# --------------------------------------------------------------------------- the sweep
+def fail_running(study: Any) -> int:
+    """Mark trials still RUNNING (left by an interrupted sweep) as failed, so that
+    ``--retry-failed`` runs them again."""
+    state = _states()
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == state.RUNNING]
+    for t in stale:
+        study.tell(t.number, state=state.FAIL)
+    return len(stale)
+
+
+def run_sweep(sweep: Sweep, jobs: int = 1, fail_stale: bool = False) -> dict[str, Any]:
+    """Run what is left of ``sweep`` with ``jobs`` worker processes; write the results and the
+    report; return ``{"fits": fits run here, "results": path, "report": path}``."""
+    from ilvae.sweep_report import write_report, write_results
+
+    os.makedirs(sweep.out, exist_ok=True)
+    study = load_study(sweep, create=True)
+    if fail_stale:
+        fail_running(study)
+    if sweep.retry_failed and sweep.n_trials is None:
+        queue_failed(study, sweep)
+    todo = remaining(study, sweep)
+    fits = 0
+    if todo and jobs == 1:
+        fits = work(sweep)
+    elif todo:
+        context = multiprocessing.get_context("spawn")  # torch state is not fork-safe
+        with context.Pool(min(jobs, todo)) as pool:
+            fits = sum(pool.starmap(work, [(sweep, i) for i in range(min(jobs, todo))]))
+    trials = load_study(sweep).get_trials(deepcopy=False)
+    results = write_results(sweep, trials)
+    report = write_report(sweep, trials)
+    return {"fits": fits, "results": results, "report": report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        sweep, args = parse_args(argv)
+        check_fit_arguments(sweep)
+        fail_stale = args.fail_running or sweep.storage is None
+        done = run_sweep(sweep, args.jobs, fail_stale=fail_stale)
+    except ConfigurationError as exc:
+        print(f"ilvae: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"ilvae: error: ilvae sweep needs Optuna: pip install 'ilvae[sweep]' ({exc})",
+              file=sys.stderr)
+        return 2
+    print(f"ilvae: sweep ran {done['fits']} fits")
+    print(f"ilvae: results: {done['results']}")
+    print(f"ilvae: report: {done['report']}")
+    return 0
