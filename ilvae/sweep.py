@@ -297,7 +297,9 @@ def _redirected(path: str):
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
             try:
-                yield
+                # and Python's streams, where they are not the descriptors (captured output)
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    yield
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -494,6 +496,16 @@ def fail_running(study: Any) -> int:
     return len(stale)
 
 
+def _pool_context() -> Any:
+    """Fork where it is safe (Linux, CUDA not started here): workers then start with torch and
+    Lightning already imported, as DataLoader workers do; spawn elsewhere."""
+    torch = sys.modules.get("torch")
+    cuda_started = torch is not None and torch.cuda.is_initialized()
+    if sys.platform.startswith("linux") and not cuda_started:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
 def run_sweep(sweep: Sweep, jobs: int = 1, fail_stale: bool = False) -> dict[str, Any]:
     """Run what is left of ``sweep`` with ``jobs`` worker processes; write the results and the
     report; return ``{"fits": fits run here, "results": path, "report": path}``."""
@@ -510,8 +522,7 @@ def run_sweep(sweep: Sweep, jobs: int = 1, fail_stale: bool = False) -> dict[str
     if todo and jobs == 1:
         fits = work(sweep)
     elif todo:
-        context = multiprocessing.get_context("spawn")  # torch state is not fork-safe
-        with context.Pool(min(jobs, todo)) as pool:
+        with _pool_context().Pool(min(jobs, todo)) as pool:
             fits = sum(pool.starmap(work, [(sweep, i) for i in range(min(jobs, todo))]))
     trials = load_study(sweep).get_trials(deepcopy=False)
     results = write_results(sweep, trials)
