@@ -506,6 +506,15 @@ def _pool_context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
+def map_in_workers(function: Any, items: list[tuple], jobs: int = 1) -> list[Any]:
+    """``[function(*item) for item in items]``, in ``jobs`` worker processes (the pool the
+    sweep's workers run in) when ``jobs`` > 1; results in the order of ``items``."""
+    if jobs == 1 or len(items) <= 1:
+        return [function(*item) for item in items]
+    with _pool_context().Pool(min(jobs, len(items))) as pool:
+        return pool.starmap(function, items, chunksize=1)
+
+
 def run_sweep(sweep: Sweep, jobs: int = 1, fail_stale: bool = False) -> dict[str, Any]:
     """Run what is left of ``sweep`` with ``jobs`` worker processes; write the results and the
     report; return ``{"fits": fits run here, "results": path, "report": path}``."""
@@ -522,8 +531,7 @@ def run_sweep(sweep: Sweep, jobs: int = 1, fail_stale: bool = False) -> dict[str
     if todo and jobs == 1:
         fits = work(sweep)
     elif todo:
-        with _pool_context().Pool(min(jobs, todo)) as pool:
-            fits = sum(pool.starmap(work, [(sweep, i) for i in range(min(jobs, todo))]))
+        fits = sum(map_in_workers(work, [(sweep, i) for i in range(min(jobs, todo))], jobs))
     trials = load_study(sweep).get_trials(deepcopy=False)
     results = write_results(sweep, trials)
     report = write_report(sweep, trials)

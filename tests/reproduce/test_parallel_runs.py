@@ -1,0 +1,91 @@
+"""`ilvae reproduce --jobs N`: a study's independent fits run in worker processes and give the
+same rows, run settings and report as in one process."""
+
+import json
+
+import pytest
+
+from ilvae import reproduce
+from ilvae.cli import main
+from ilvae.reproduce import hierarchical
+
+
+def _tiny(quick: bool) -> dict:
+    return {"beta_1": [0.5, 2.0], "beta_2": [0.7], "epochs": 1, "hidden": 8, "iw_samples": 2}
+
+
+def _numbers(rows):
+    """Rows without the wall-clock columns, which differ between any two runs."""
+    clock = {"seconds", "eval_seconds", "seconds_per_epoch"}
+    return [{k: v for k, v in row.items() if k not in clock} for row in rows]
+
+
+@pytest.mark.slow  # minutes on 2 CPU cores: the linear HVAE fits on MNIST5k
+def test_hierarchical_study_gives_the_same_numbers_with_two_jobs(tmp_path, monkeypatch):
+    # a tiny study configuration; fork-started workers see the patched size too
+    monkeypatch.setattr(hierarchical, "_size", _tiny)
+    one = reproduce.run_study("hierarchical", tmp_path / "one", quick=True, jobs=1)
+    two = reproduce.run_study("hierarchical", tmp_path / "two", quick=True, jobs=2)
+    rows = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert len(rows) == 4  # a linear and a nonlinear row for each of the 2 settings
+    assert _numbers(json.loads((tmp_path / "two" / "results.json").read_text())) == \
+        _numbers(rows)
+    assert [c["run"] for c in two.run_configs] == [c["run"] for c in one.run_configs] == [
+        "hvae_b1_0.5_b2_0.7", "hvae_b1_2_b2_0.7"]
+    assert [t[0] for t in two.timings] == [t[0] for t in one.timings]
+    assert [t[2] for t in two.timings] == [t[2] for t in one.timings]  # steps
+
+
+def test_jobs_below_one_is_a_one_line_error(tmp_path, capsys):
+    assert main(["reproduce", "hierarchical", "--quick", "--jobs", "0",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ilvae: error: jobs=0 is not allowed: expected an integer >= 1"
+    assert not (tmp_path / "x").exists()
+
+
+def _tiny_fit(ctx, beta):
+    """One run of a tiny study: a VAE fitted for a few steps on the 8×8 digits, evaluated."""
+    import torch
+
+    from ilvae.datamodules import Digits
+    from ilvae.models import VAE
+    from ilvae.reproduce.common import evaluate, fit
+
+    dm = Digits(batch_size=64, seed=ctx.seed)
+    dm.setup("fit")
+    torch.manual_seed(ctx.seed)
+    model = VAE(data_shape=dm.data_shape, latent_dim=3, beta=beta,
+                encoder={"class_path": "ilvae.encoders.MLPEncoder", "init_args": {"hidden": [8]}},
+                decoder={"class_path": "mlp", "init_args": {"hidden": [8],
+                                                            "likelihood": "bernoulli"}})
+    fit(ctx, f"beta{beta:g}", model, dm, max_steps=3, max_epochs=-1, limit_val_batches=1)
+    return {"beta": beta, **evaluate(model, dm.tensors("val")[0], iw_samples=4)}
+
+
+def test_a_tiny_study_gives_the_same_numbers_with_two_jobs(tmp_path):
+    from ilvae.reproduce.common import StudyContext, run_parallel
+
+    settings = [{"beta": b} for b in (0.5, 1.0, 2.0)]
+    runs = {}
+    for jobs in (1, 2):
+        ctx = StudyContext(study="tiny", out=tmp_path / str(jobs), quick=True, seed=0, jobs=jobs)
+        runs[jobs] = (ctx, run_parallel(ctx, _tiny_fit, settings))
+    (one, rows), (two, rows_two) = runs[1], runs[2]
+    assert rows_two == rows and [r["beta"] for r in rows] == [0.5, 1.0, 2.0]
+    assert len({r["elbo"] for r in rows}) == 3  # three different models, not one copied
+    assert [c["run"] for c in two.run_configs] == [c["run"] for c in one.run_configs] == [
+        "beta0.5", "beta1", "beta2"]
+    assert [t[2] for t in two.timings] == [t[2] for t in one.timings] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_run_parallel_keeps_the_order_of_the_settings(tmp_path, jobs):
+    from ilvae.reproduce.common import StudyContext, run_parallel
+
+    ctx = StudyContext(study="t", out=tmp_path, quick=True, seed=0, jobs=jobs)
+    assert run_parallel(ctx, _square, [{"x": x} for x in range(5)]) == [0, 1, 4, 9, 16]
+
+
+def _square(ctx, x):
+    return x * x
