@@ -14,6 +14,13 @@ def _tiny(quick: bool) -> dict:
     return {"beta_1": [0.5, 2.0], "beta_2": [0.7], "epochs": 1, "hidden": 8, "iw_samples": 2}
 
 
+def _same(row, other):
+    """Equal rows apart from wall-clock columns, NaN (a metric a model does not have) included."""
+    clock = {"seconds", "eval_seconds", "seconds_per_epoch"}
+    return json.dumps({k: v for k, v in row.items() if k not in clock}, sort_keys=True) == \
+        json.dumps({k: v for k, v in other.items() if k not in clock}, sort_keys=True)
+
+
 def _numbers(rows):
     """Rows without the wall-clock columns, which differ between any two runs."""
     clock = {"seconds", "eval_seconds", "seconds_per_epoch"}
@@ -89,3 +96,23 @@ def test_run_parallel_keeps_the_order_of_the_settings(tmp_path, jobs):
 
 def _square(ctx, x):
     return x * x
+
+
+@pytest.mark.slow  # about 25 s on 2 CPU cores: the toy study evaluates on 10,000 points
+def test_toy_study_runs_give_the_same_numbers_with_two_jobs(tmp_path):
+    """The toy study's own run function, at a few steps, for a VAE and a mixture model."""
+    from ilvae.reproduce import toy
+    from ilvae.reproduce.common import StudyContext, run_parallel
+
+    settings = [{"sigma": 2.5, "family": family, "name": name, "L": L, "kwargs": kwargs,
+                 "steps": 3, "scatter": True}
+                for family, name, L, kwargs in toy._models([5.0])
+                if name in ("GMVAE", "IL-LIDVAE")]
+    results = {}
+    for jobs in (1, 2):
+        ctx = StudyContext(study="toy", out=tmp_path / str(jobs), quick=True, seed=0, jobs=jobs)
+        results[jobs] = run_parallel(ctx, toy._one_run, settings)
+    for (row, points), (row_two, points_two) in zip(results[1], results[2], strict=True):
+        assert _same(row, row_two)
+        assert (points[0] == points_two[0]).all() and points[2] == points_two[2]
+    assert [r["model"] for r, _ in results[1]] == ["GMVAE", "IL-LIDVAE"]
