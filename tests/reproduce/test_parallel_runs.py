@@ -116,3 +116,22 @@ def test_toy_study_runs_give_the_same_numbers_with_two_jobs(tmp_path):
         assert _same(row, row_two)
         assert (points[0] == points_two[0]).all() and points[2] == points_two[2]
     assert [r["model"] for r, _ in results[1]] == ["GMVAE", "IL-LIDVAE"]
+
+
+@pytest.mark.slow  # about 7 s: an epoch of MNIST5k per run
+def test_depth_study_runs_give_the_same_numbers_with_two_jobs(tmp_path):
+    """The depth study's own run function at a tiny size (width 8, one epoch)."""
+    from ilvae.reproduce import depth
+    from ilvae.reproduce.common import StudyContext, run_parallel
+
+    settings = [{"depth": 1, "family": family, "width": 8, "epochs": 1, "latent": 2}
+                for family in ("AE", "VAE")]
+    results = {}
+    for jobs in (1, 2):
+        ctx = StudyContext(study="depth", out=tmp_path / str(jobs), quick=True, seed=0, jobs=jobs)
+        results[jobs] = run_parallel(ctx, depth._one_run, settings)
+    for (row, scale), (row_two, scale_two) in zip(results[1], results[2], strict=True):
+        assert _same(row, row_two)
+        assert (scale is None and scale_two is None) or bool((scale == scale_two).all())
+    assert [r["model"] for r, _ in results[1]] == ["AE", "VAE"]
+    assert results[1][1][0]["gamma"] > 0 and results[1][1][1].numel() > 0
