@@ -341,7 +341,8 @@ def run_fit(sweep: Sweep, params: dict[str, Any], root: str) -> tuple[dict[str, 
                 import traceback
 
                 traceback.print_exc()
-                return {}, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0:1] or ''}"
+                lines = str(exc).strip().splitlines()
+                return {}, f"{type(exc).__name__}: {lines[0] if lines else ''}".strip(": ")
     if code != 0:
         return {}, _error_line(log)
     found = sorted(Path(root).rglob("summary.json"), key=lambda p: p.stat().st_mtime)

@@ -137,7 +137,8 @@ def write_report(sweep: Any, trials: list[Any]) -> str:
     metrics = _metric_columns(rows, sweep)
     columns = [*HEAD, *sweep.keys, *([sweep.metric] if sweep.metric in metrics else []),
                *[m for m in metrics if m != sweep.metric], *TAIL]
-    lines += ["## Runs", "", markdown_table(rows, columns), "",
+    shown = [dict(r, error=r["error"].replace("|", "\\|")) for r in rows]  # table-safe
+    lines += ["## Runs", "", markdown_table(shown, columns), "",
               "All metrics of every run are in [results.csv](results.csv).", ""]
     path = os.path.join(sweep.out, "report.md")
     with open(path, "w", encoding="utf-8") as stream:

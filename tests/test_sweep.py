@@ -150,6 +150,16 @@ def test_a_search_draws_n_trials_within_the_ranges(config, tmp_path):
     assert f"trial {best['trial']} " in (out / "report.md").read_text()
 
 
+@pytest.mark.slow  # a fresh interpreter per fit: about 10 s each on 2 CPU cores
+def test_a_fit_in_a_worker_gives_the_numbers_of_a_fresh_ilvae_fit(config, tmp_path):
+    grid = {"seed_everything": ["1"]}
+    sweeps.run_sweep(_sweep(config, tmp_path / "in", grid=grid))
+    sweeps.run_sweep(_sweep(config, tmp_path / "sub", grid=grid, subprocess=True))
+    inside, fresh = _rows(tmp_path / "in"), _rows(tmp_path / "sub")
+    metrics = [k for k in inside[0] if "/" in k]
+    assert metrics and [inside[0][k] for k in metrics] == [fresh[0][k] for k in metrics]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--grid", "model.latent_dim"], "grid='model.latent_dim' is not allowed"),
     (["--grid", "model.latent_dim=2,2"], "grid='model.latent_dim=2,2' is not allowed"),
