@@ -135,3 +135,21 @@ def test_depth_study_runs_give_the_same_numbers_with_two_jobs(tmp_path):
         assert (scale is None and scale_two is None) or bool((scale == scale_two).all())
     assert [r["model"] for r, _ in results[1]] == ["AE", "VAE"]
     assert results[1][1][0]["gamma"] > 0 and results[1][1][1].numel() > 0
+
+
+@pytest.mark.slow  # about 20 s: the tiny study twice
+def test_il_ablation_study_gives_the_same_numbers_with_two_jobs(tmp_path, monkeypatch):
+    from ilvae.reproduce import il_ablation
+
+    monkeypatch.setattr(il_ablation, "_size", lambda quick: {
+        "epochs": 1, "iw_samples": 4, "seeds": 1, "hidden": [16], "timing_steps": 2,
+        "timing_rounds": 1, "trainer": {"limit_train_batches": 2, "limit_val_batches": 1}})
+    one = reproduce.run_study("il-ablation", tmp_path / "one", quick=True, jobs=1)
+    two = reproduce.run_study("il-ablation", tmp_path / "two", quick=True, jobs=2)
+    rows = json.loads((tmp_path / "one" / "results.json").read_text())
+    rows_two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert len(rows) == len(il_ablation.ablation([16])) + 1 + len(il_ablation.L_GRID)
+    assert all(_same(a, b) for a, b in zip(rows, rows_two, strict=True))
+    assert len({r["iw_nll"] for r in rows}) > 1  # different runs, not one result copied
+    assert [c["run"] for c in two.run_configs] == [c["run"] for c in one.run_configs]
+    assert [c["seed"] for c in two.run_configs] == [c["seed"] for c in one.run_configs]
