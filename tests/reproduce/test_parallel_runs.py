@@ -153,3 +153,31 @@ def test_il_ablation_study_gives_the_same_numbers_with_two_jobs(tmp_path, monkey
     assert len({r["iw_nll"] for r in rows}) > 1  # different runs, not one result copied
     assert [c["run"] for c in two.run_configs] == [c["run"] for c in one.run_configs]
     assert [c["seed"] for c in two.run_configs] == [c["seed"] for c in one.run_configs]
+
+
+@pytest.mark.slow  # about a minute: a feature classifier and four MNIST5k epochs
+def test_images_study_runs_give_the_same_numbers_with_two_jobs(tmp_path):
+    """The images study's own run function for a VAE and LIDVAE (one epoch each)."""
+    from ilvae.datamodules import MNIST5k
+    from ilvae.fid import train_feature_classifier
+    from ilvae.reproduce import images
+    from ilvae.reproduce.common import StudyContext, run_parallel
+
+    dm = MNIST5k(batch_size=64)
+    dm.setup("fit")
+    clf_path = tmp_path / "clf.pt"
+    train_feature_classifier(*dm.tensors("train"), path=clf_path, seed=0, epochs=1)
+    names = [name for name, *_ in images._variants(True)]
+    settings = [{"data_name": "MNIST5k", "variant": names.index(name), "epochs": 1,
+                 "steps": 57, "latent": 4, "clf_path": str(clf_path)}
+                for name in ("VAE", "LIDVAE (L=0)")]
+    results = {}
+    for jobs in (1, 2):
+        ctx = StudyContext(study="images", out=tmp_path / str(jobs), quick=True, seed=0,
+                           jobs=jobs)
+        results[jobs] = run_parallel(ctx, images._one_run, settings)
+    for (row, samples), (row_two, samples_two) in zip(results[1], results[2], strict=True):
+        assert _same(row, row_two)
+        assert (samples is None) == (samples_two is None)
+    assert results[1][0][1] is None and bool((results[1][1][1] == results[2][1][1]).all())
+    assert [r["model"] for r, _ in results[1]] == ["VAE", "LIDVAE (L=0)"]
