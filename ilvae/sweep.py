@@ -497,23 +497,33 @@ def fail_running(study: Any) -> int:
     return len(stale)
 
 
-def _pool_context() -> Any:
-    """Fork where it is safe (Linux, CUDA not started here): workers then start with torch and
-    Lightning already imported, as DataLoader workers do; spawn elsewhere."""
-    torch = sys.modules.get("torch")
-    cuda_started = torch is not None and torch.cuda.is_initialized()
-    if sys.platform.startswith("linux") and not cuda_started:
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
+def _process_context() -> Any:
+    """Workers start from a fork server that has imported torch and Lightning once (so a
+    worker does not pay for that import), not by forking this process: a fork copies whatever
+    locks this process's threads (training, logging) hold at that moment and can hang. Spawn
+    where there is no fork server."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["ilvae.cli"])
+    return context
 
 
 def map_in_workers(function: Any, items: list[tuple], jobs: int = 1) -> list[Any]:
     """``[function(*item) for item in items]``, in ``jobs`` worker processes (the pool the
-    sweep's workers run in) when ``jobs`` > 1; results in the order of ``items``."""
+    sweep's workers run in) when ``jobs`` > 1; results in the order of ``items``. A worker that
+    dies (killed for memory, say) stops the map with an error instead of leaving it waiting."""
     if jobs == 1 or len(items) <= 1:
         return [function(*item) for item in items]
-    with _pool_context().Pool(min(jobs, len(items))) as pool:
-        return pool.starmap(function, items, chunksize=1)
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(min(jobs, len(items)), mp_context=_process_context()) as pool:
+            return list(pool.map(function, *zip(*items, strict=True)))
+    except BrokenProcessPool as exc:
+        raise RuntimeError("a worker process died (killed for lack of memory?); rerun with "
+                           "fewer --jobs") from exc
 
 
 def run_sweep(sweep: Sweep, jobs: int = 1, fail_stale: bool = False) -> dict[str, Any]:

@@ -7,11 +7,6 @@ import pytest
 
 from ilvae import reproduce
 from ilvae.cli import main
-from ilvae.reproduce import hierarchical
-
-
-def _tiny(quick: bool) -> dict:
-    return {"beta_1": [0.5, 2.0], "beta_2": [0.7], "epochs": 1, "hidden": 8, "iw_samples": 2}
 
 
 def _same(row, other):
@@ -21,81 +16,12 @@ def _same(row, other):
         json.dumps({k: v for k, v in other.items() if k not in clock}, sort_keys=True)
 
 
-def _numbers(rows):
-    """Rows without the wall-clock columns, which differ between any two runs."""
-    clock = {"seconds", "eval_seconds", "seconds_per_epoch"}
-    return [{k: v for k, v in row.items() if k not in clock} for row in rows]
-
-
-@pytest.mark.slow  # minutes on 2 CPU cores: the linear HVAE fits on MNIST5k
-def test_hierarchical_study_gives_the_same_numbers_with_two_jobs(tmp_path, monkeypatch):
-    # a tiny study configuration; fork-started workers see the patched size too
-    monkeypatch.setattr(hierarchical, "_size", _tiny)
-    one = reproduce.run_study("hierarchical", tmp_path / "one", quick=True, jobs=1)
-    two = reproduce.run_study("hierarchical", tmp_path / "two", quick=True, jobs=2)
-    rows = json.loads((tmp_path / "one" / "results.json").read_text())
-    assert len(rows) == 4  # a linear and a nonlinear row for each of the 2 settings
-    assert _numbers(json.loads((tmp_path / "two" / "results.json").read_text())) == \
-        _numbers(rows)
-    assert [c["run"] for c in two.run_configs] == [c["run"] for c in one.run_configs] == [
-        "hvae_b1_0.5_b2_0.7", "hvae_b1_2_b2_0.7"]
-    assert [t[0] for t in two.timings] == [t[0] for t in one.timings]
-    assert [t[2] for t in two.timings] == [t[2] for t in one.timings]  # steps
-
-
 def test_jobs_below_one_is_a_one_line_error(tmp_path, capsys):
     assert main(["reproduce", "hierarchical", "--quick", "--jobs", "0",
                  "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "ilvae: error: jobs=0 is not allowed: expected an integer >= 1"
     assert not (tmp_path / "x").exists()
-
-
-def _tiny_fit(ctx, beta):
-    """One run of a tiny study: a VAE fitted for a few steps on the 8×8 digits, evaluated."""
-    import torch
-
-    from ilvae.datamodules import Digits
-    from ilvae.models import VAE
-    from ilvae.reproduce.common import evaluate, fit
-
-    dm = Digits(batch_size=64, seed=ctx.seed)
-    dm.setup("fit")
-    torch.manual_seed(ctx.seed)
-    model = VAE(data_shape=dm.data_shape, latent_dim=3, beta=beta,
-                encoder={"class_path": "ilvae.encoders.MLPEncoder", "init_args": {"hidden": [8]}},
-                decoder={"class_path": "mlp", "init_args": {"hidden": [8],
-                                                            "likelihood": "bernoulli"}})
-    fit(ctx, f"beta{beta:g}", model, dm, max_steps=3, max_epochs=-1, limit_val_batches=1)
-    return {"beta": beta, **evaluate(model, dm.tensors("val")[0], iw_samples=4)}
-
-
-def test_a_tiny_study_gives_the_same_numbers_with_two_jobs(tmp_path):
-    from ilvae.reproduce.common import StudyContext, run_parallel
-
-    settings = [{"beta": b} for b in (0.5, 1.0, 2.0)]
-    runs = {}
-    for jobs in (1, 2):
-        ctx = StudyContext(study="tiny", out=tmp_path / str(jobs), quick=True, seed=0, jobs=jobs)
-        runs[jobs] = (ctx, run_parallel(ctx, _tiny_fit, settings))
-    (one, rows), (two, rows_two) = runs[1], runs[2]
-    assert rows_two == rows and [r["beta"] for r in rows] == [0.5, 1.0, 2.0]
-    assert len({r["elbo"] for r in rows}) == 3  # three different models, not one copied
-    assert [c["run"] for c in two.run_configs] == [c["run"] for c in one.run_configs] == [
-        "beta0.5", "beta1", "beta2"]
-    assert [t[2] for t in two.timings] == [t[2] for t in one.timings] == [3, 3, 3]
-
-
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_run_parallel_keeps_the_order_of_the_settings(tmp_path, jobs):
-    from ilvae.reproduce.common import StudyContext, run_parallel
-
-    ctx = StudyContext(study="t", out=tmp_path, quick=True, seed=0, jobs=jobs)
-    assert run_parallel(ctx, _square, [{"x": x} for x in range(5)]) == [0, 1, 4, 9, 16]
-
-
-def _square(ctx, x):
-    return x * x
 
 
 @pytest.mark.slow  # about 25 s on 2 CPU cores: the toy study evaluates on 10,000 points
@@ -118,7 +44,7 @@ def test_toy_study_runs_give_the_same_numbers_with_two_jobs(tmp_path):
     assert [r["model"] for r, _ in results[1]] == ["GMVAE", "IL-LIDVAE"]
 
 
-@pytest.mark.slow  # about 7 s: an epoch of MNIST5k per run
+@pytest.mark.slow  # about 10 s: an epoch of MNIST5k per run
 def test_depth_study_runs_give_the_same_numbers_with_two_jobs(tmp_path):
     """The depth study's own run function at a tiny size (width 8, one epoch)."""
     from ilvae.reproduce import depth
@@ -135,24 +61,28 @@ def test_depth_study_runs_give_the_same_numbers_with_two_jobs(tmp_path):
         assert (scale is None and scale_two is None) or bool((scale == scale_two).all())
     assert [r["model"] for r, _ in results[1]] == ["AE", "VAE"]
     assert results[1][1][0]["gamma"] > 0 and results[1][1][1].numel() > 0
+    assert results[1][0][0]["train_mse"] != results[1][1][0]["train_mse"]  # two models
 
 
-@pytest.mark.slow  # about 20 s: the tiny study twice
-def test_il_ablation_study_gives_the_same_numbers_with_two_jobs(tmp_path, monkeypatch):
+def test_il_ablation_runs_give_the_same_numbers_with_two_jobs(tmp_path):
+    """The il-ablation study's own run function at a tiny size, for two seeds of the
+    comparison (the second on another training split)."""
     from ilvae.reproduce import il_ablation
+    from ilvae.reproduce.common import StudyContext, run_parallel
 
-    monkeypatch.setattr(il_ablation, "_size", lambda quick: {
-        "epochs": 1, "iw_samples": 4, "seeds": 1, "hidden": [16], "timing_steps": 2,
-        "timing_rounds": 1, "trainer": {"limit_train_batches": 2, "limit_val_batches": 1}})
-    one = reproduce.run_study("il-ablation", tmp_path / "one", quick=True, jobs=1)
-    two = reproduce.run_study("il-ablation", tmp_path / "two", quick=True, jobs=2)
-    rows = json.loads((tmp_path / "one" / "results.json").read_text())
-    rows_two = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert len(rows) == len(il_ablation.ablation([16])) + 1 + len(il_ablation.L_GRID)
-    assert all(_same(a, b) for a, b in zip(rows, rows_two, strict=True))
-    assert len({r["iw_nll"] for r in rows}) > 1  # different runs, not one result copied
-    assert [c["run"] for c in two.run_configs] == [c["run"] for c in one.run_configs]
-    assert [c["seed"] for c in two.run_configs] == [c["seed"] for c in one.run_configs]
+    size = {"epochs": 1, "iw_samples": 4, "hidden": [16],
+            "trainer": {"limit_train_batches": 2, "limit_val_batches": 1}}
+    settings = [{"name": f"compare_il_seed{seed}", "decoder": il_ablation._il([16], L=1.0),
+                 "lr": il_ablation.LR, "size": size, "seed": seed} for seed in (0, 1)]
+    results, configs = {}, {}
+    for jobs in (1, 2):
+        ctx = StudyContext(study="il-ablation", out=tmp_path / str(jobs), quick=True, seed=0,
+                           jobs=jobs)
+        results[jobs] = run_parallel(ctx, il_ablation._one_run, settings)
+        configs[jobs] = [(c["run"], c["seed"]) for c in ctx.run_configs]
+    assert all(_same(a, b) for a, b in zip(results[1], results[2], strict=True))
+    assert results[1][0]["iw_nll"] != results[1][1]["iw_nll"]  # two seeds, two models
+    assert configs[1] == configs[2] == [("compare_il_seed0", 0), ("compare_il_seed1", 1)]
 
 
 @pytest.mark.slow  # about a minute: a feature classifier and four MNIST5k epochs
@@ -181,3 +111,21 @@ def test_images_study_runs_give_the_same_numbers_with_two_jobs(tmp_path):
         assert (samples is None) == (samples_two is None)
     assert results[1][0][1] is None and bool((results[1][1][1] == results[2][1][1]).all())
     assert [r["model"] for r, _ in results[1]] == ["VAE", "LIDVAE (L=0)"]
+
+
+@pytest.mark.slow  # about a minute: the tiny conditional study twice
+def test_conditional_study_gives_the_same_numbers_with_two_jobs(tmp_path):
+    tiny = {"betas": [1.0, 4.0], "etas": [0.5], "control_etas": [0.5], "epochs": 1,
+            "iw_samples": 20}
+    reproduce.run_study("conditional", tmp_path / "one", quick=True, jobs=1, **tiny)
+    reproduce.run_study("conditional", tmp_path / "two", quick=True, jobs=2, **tiny)
+    rows = json.loads((tmp_path / "one" / "results.json").read_text())
+    rows_two = json.loads((tmp_path / "two" / "results.json").read_text())
+    clock = {"train_seconds", "run", "estimated_seconds", "seconds_per_step"}
+    fits = [r for r in rows if r.get("model", "").startswith("ConditionalVAE")]
+    assert len(fits) == 8  # MLP and linear at 2 β × (real, shuffled)
+    assert all(_same({k: v for k, v in a.items() if k not in clock},
+                     {k: v for k, v in b.items() if k not in clock})
+               for a, b in zip(fits, [r for r in rows_two
+                                      if r.get("model", "").startswith("ConditionalVAE")],
+                               strict=True))
