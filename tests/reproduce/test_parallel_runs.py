@@ -113,7 +113,7 @@ def test_images_study_runs_give_the_same_numbers_with_two_jobs(tmp_path):
     assert [r["model"] for r, _ in results[1]] == ["VAE", "LIDVAE (L=0)"]
 
 
-@pytest.mark.slow  # about a minute: the tiny conditional study twice
+@pytest.mark.slow  # minutes: the tiny conditional study twice
 def test_conditional_study_gives_the_same_numbers_with_two_jobs(tmp_path):
     tiny = {"betas": [1.0, 4.0], "etas": [0.5], "control_etas": [0.5], "epochs": 1,
             "iw_samples": 20}
