@@ -443,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         from ilvae import fid_classifier
 
         return fid_classifier.main(argv[1:])
+    if argv[:1] == ["sweep"]:
+        from ilvae import sweep
+
+        return sweep.main(argv[1:])
     _STATE["running"] = False
     try:
         run(argv)

@@ -41,9 +41,14 @@ def available() -> list[str]:
 
 
 def run_study(study: str, out: str | Path, quick: bool = False, seed: int = 0,
-              force: bool = False, **options: object):
-    """Run one study and write its report; returns the :class:`StudyContext`."""
+              force: bool = False, jobs: int = 1, **options: object):
+    """Run one study and write its report; returns the :class:`StudyContext`. ``jobs`` worker
+    processes run the study's independent fits (the same results as one)."""
+    from ilvae.errors import check
     from ilvae.reproduce.common import StudyContext
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        check("jobs", jobs, "an integer >= 1")
 
     if study not in STUDIES:
         raise ConfigurationError(f"study={study!r} is not allowed: expected one of "
@@ -53,7 +58,8 @@ def run_study(study: str, out: str | Path, quick: bool = False, seed: int = 0,
     except ModuleNotFoundError as exc:
         raise ConfigurationError(f"study={study!r} is not available: {exc}") from exc
     ctx = StudyContext(study=study, out=Path(out), quick=quick, seed=seed, force=force,
-                       title=getattr(module, "TITLE", study), options=dict(options))
+                       title=getattr(module, "TITLE", study), options=dict(options),
+                       jobs=jobs)
     with ctx:
         module.run(ctx)
     return ctx
@@ -70,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="allow writing into a directory that already holds a report "
                         "(the old report and results are renamed, never deleted)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="training runs at a time, for the studies that map over runs "
-                        "(remedies)")
+                        help="worker processes for the study's independent fits (the same "
+                        "results as 1)")
     parser.add_argument("--data-root", default=None,
                         help="where MNIST / Fashion-MNIST are (or are downloaded to)")
     args = parser.parse_args(argv)
     try:
         ctx = run_study(args.study, args.out, quick=args.quick, seed=args.seed, force=args.force,
-                        data_root=args.data_root, jobs=args.jobs)
+                        jobs=args.jobs, data_root=args.data_root)
     except ConfigurationError as exc:
         print(f"ilvae: error: {exc}", file=sys.stderr)
         return 2

@@ -84,6 +84,8 @@ class StudyContext:
     run_configs: list[dict[str, Any]] = field(default_factory=list)
     #: (seconds, how it was computed): the expected wall time of the full size, from this run.
     full_size_time: tuple[float, str] | None = None
+    #: Worker processes for the independent runs of :func:`run_parallel`.
+    jobs: int = 1
 
     # ------------------------------------------------------------------ life
     def __enter__(self) -> StudyContext:
@@ -261,6 +263,38 @@ def fit(ctx: StudyContext, name: str, model: L.LightningModule, datamodule: Any,
     seconds = time.time() - start
     ctx.timings.append((name, seconds, int(tr.global_step)))
     return seconds / max(tr.current_epoch, 1)
+
+
+def _run_one(run: Any, ctx: StudyContext, threads: int, setting: dict[str, Any]) -> tuple:
+    """One run of :func:`run_parallel`, on an empty copy of ``ctx``; returns its result and the
+    timings and settings that :func:`fit` recorded."""
+    import dataclasses
+
+    own = dataclasses.replace(ctx, rows=[], sections=[], findings=[], configs=[], timings=[],
+                              run_configs=[])
+    torch.set_num_threads(threads)  # the same arithmetic as in one process
+    result = run(own, **setting)
+    return result, own.timings, own.run_configs
+
+
+def run_parallel(ctx: StudyContext, run: Any, settings: list[dict[str, Any]]) -> list[Any]:
+    """``[run(ctx, **setting) for setting in settings]`` for a study's independent runs, in
+    ``ctx.jobs`` worker processes (those of :mod:`ilvae.sweep`); results, timings and run
+    settings come back in the order of ``settings``, so a report does not depend on ``jobs``.
+
+    ``run`` is a module-level function that seeds everything it draws (as :func:`fit` does) and
+    returns what the study needs (rows, not ``ctx.add_row``): the same numbers in one process or
+    in several.
+    """
+    from ilvae.sweep import map_in_workers
+
+    items = [(run, ctx, torch.get_num_threads(), setting) for setting in settings]
+    out = []
+    for result, timings, configs in map_in_workers(_run_one, items, ctx.jobs):
+        ctx.timings.extend(timings)
+        ctx.run_configs.extend(configs)
+        out.append(result)
+    return out
 
 
 def step_seconds(model: L.LightningModule, datamodule: Any, steps: int = 20,

@@ -52,7 +52,7 @@ from torch import Tensor
 from ilvae import theory
 from ilvae.datamodules.conditional import ConditionalDataModule
 from ilvae.models import ConditionalVAE
-from ilvae.reproduce.common import StudyContext, evaluate, fit
+from ilvae.reproduce.common import StudyContext, evaluate, fit, run_parallel
 from ilvae.reproduce.conditional_models import (
     EPS,
     ExactLinearCVAE,
@@ -215,6 +215,49 @@ def _table_row(data: str, beta: float, eta: float, lin: dict, mlp: dict) -> dict
 
 
 # ---------------------------------------------------------------------------------------- run
+def _one_setting(ctx: StudyContext, data: str, beta: float, eta: float,
+                 cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The MLP and the linear CVAE at one (x, β, η_dec): their rows by family."""
+    splits, _, data_name = load(ctx)
+    source = splits if data == "real" else shuffled(splits, ctx.seed)
+    dm = _Pairs.of(source, batch_size=cfg["batch_size"], seed=ctx.seed)
+    train, test = dm.tensors("train"), dm.tensors("test")
+    pred = theory.linear_cvae(*theory.joint_second_moments(train[0], train[1]), beta=beta,
+                              eta_enc=1.0, eta_dec=eta, latent_dim=cfg["latent"])
+    common = {"data": data_name, "x": data, "beta": beta, "eta_dec": eta, "eta_enc": 1.0,
+              "latent_dim": cfg["latent"], "seed": ctx.seed,
+              "predicted_collapsed": pred.num_collapsed,
+              "predicted_epsilon_collapsed": int((pred.kl < EPS).sum()),
+              "threshold": beta * eta**2,
+              "residual_fraction": residual_fraction(train[0], train[1]),
+              "theta": [float(t) for t in pred.theta],
+              "predicted_kl": [float(k) for k in pred.kl]}
+    rows = {}
+    for family in ("nonlinear", "linear"):
+        tag = f"{family}_{data}_beta{beta:g}_eta{eta:g}"
+        start = time.perf_counter()
+        if family == "nonlinear":
+            model: ConditionalVAE = _train_nonlinear(ctx, tag, dm, beta, eta, cfg)
+            extra = {"model": "ConditionalVAE(MLP)", "hidden": cfg["hidden"],
+                     "epochs": cfg["epochs"],
+                     "steps": cfg["epochs"] * math.ceil(len(train[0]) / cfg["batch_size"])}
+        else:
+            model = _train_linear(ctx, tag, dm, beta, eta, cfg)
+            extra = {"model": "ConditionalVAE(linear)",
+                     "optimizer": "L-BFGS on the exact loss (float64)",
+                     "rounds": model.rounds, "closures": model.closures,
+                     "nll_exact": exact_nll(model, test[0], test[1]),
+                     "singular_value_error": theory.singular_value_error(
+                         model.decoder_singular_values(), pred.singular_values)}
+        trained = time.perf_counter()
+        metrics = measure(model, train, test, cfg["iw_samples"], cfg["iw_max"])
+        end = time.perf_counter()
+        rows[family] = {**common, **extra, **metrics, "iw_samples": cfg["iw_samples"],
+                        "train_seconds": trained - start, "eval_seconds": end - trained,
+                        "seconds": end - start, "run": str(ctx.run_dir(tag))}
+    return rows
+
+
 def run(ctx: StudyContext) -> None:
     """The study. Any key of :func:`settings` given in ``ctx.options`` overrides the size's
     value (``run_study("conditional", out, quick=True, betas=[1.0], etas=[0.3])``)."""
@@ -222,48 +265,14 @@ def run(ctx: StudyContext) -> None:
     splits, kind, data_name = load(ctx)
     cfg = settings(ctx.quick, kind)
     cfg.update({k: v for k, v in ctx.options.items() if k in cfg and v is not None})
-    controls = {"real": splits, "shuffled": shuffled(splits, ctx.seed)}
     grid = [(data, beta, eta) for data in ("real", "shuffled") for eta in cfg["etas"]
             for beta in cfg["betas"] if data == "real" or eta in cfg["control_etas"]]
     table = []
-    for data, beta, eta in grid:
-        dm = _Pairs.of(controls[data], batch_size=cfg["batch_size"], seed=ctx.seed)
-        train, test = dm.tensors("train"), dm.tensors("test")
-        pred = theory.linear_cvae(*theory.joint_second_moments(train[0], train[1]), beta=beta,
-                                  eta_enc=1.0, eta_dec=eta, latent_dim=cfg["latent"])
-        common = {"data": data_name, "x": data, "beta": beta, "eta_dec": eta, "eta_enc": 1.0,
-                  "latent_dim": cfg["latent"], "seed": ctx.seed,
-                  "predicted_collapsed": pred.num_collapsed,
-                  "predicted_epsilon_collapsed": int((pred.kl < EPS).sum()),
-                  "threshold": beta * eta**2,
-                  "residual_fraction": residual_fraction(train[0], train[1]),
-                  "theta": [float(t) for t in pred.theta],
-                  "predicted_kl": [float(k) for k in pred.kl]}
-        rows = {}
-        for family in ("nonlinear", "linear"):
-            tag = f"{family}_{data}_beta{beta:g}_eta{eta:g}"
-            start = time.perf_counter()
-            if family == "nonlinear":
-                model: ConditionalVAE = _train_nonlinear(ctx, tag, dm, beta, eta, cfg)
-                extra = {"model": "ConditionalVAE(MLP)", "hidden": cfg["hidden"],
-                         "epochs": cfg["epochs"],
-                         "steps": cfg["epochs"] * math.ceil(len(train[0]) / cfg["batch_size"])}
-            else:
-                model = _train_linear(ctx, tag, dm, beta, eta, cfg)
-                extra = {"model": "ConditionalVAE(linear)",
-                         "optimizer": "L-BFGS on the exact loss (float64)",
-                         "rounds": model.rounds, "closures": model.closures,
-                         "nll_exact": exact_nll(model, test[0], test[1]),
-                         "singular_value_error": theory.singular_value_error(
-                             model.decoder_singular_values(), pred.singular_values)}
-            trained = time.perf_counter()
-            metrics = measure(model, train, test, cfg["iw_samples"], cfg["iw_max"])
-            end = time.perf_counter()
-            rows[family] = ctx.add_row(**common, **extra, **metrics,
-                                       iw_samples=cfg["iw_samples"],
-                                       train_seconds=trained - start,
-                                       eval_seconds=end - trained, seconds=end - start,
-                                       run=str(ctx.run_dir(tag)))
+    # Every (x, β, η_dec) setting is independent: `--jobs` runs them in parallel.
+    runs = [{"data": data, "beta": beta, "eta": eta, "cfg": cfg} for data, beta, eta in grid]
+    for (data, beta, eta), rows in zip(grid, run_parallel(ctx, _one_setting, runs),
+                                       strict=True):
+        rows = {family: ctx.add_row(**row) for family, row in rows.items()}
         table.append(_table_row(data, beta, eta, rows["linear"], rows["nonlinear"]))
     _report(ctx, cfg, data_name, table)
     _timing(ctx, cfg, kind, splits)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ilvae.reproduce.common import StudyContext, evaluate, fit, step_seconds
+from ilvae.reproduce.common import StudyContext, evaluate, fit, run_parallel, step_seconds
 
 TITLE = "Depth: deterministic autoencoder vs VAE against decoder depth (Dai et al., 2020)"
 
@@ -63,40 +63,54 @@ def _full_size(ctx: StudyContext, dm, latent: int) -> None:
                          "(100 epochs); training only")
 
 
-def run(ctx: StudyContext) -> None:
+def _one_run(ctx: StudyContext, depth: int, family: str, width: int, epochs: int,
+             latent: int) -> tuple[dict, torch.Tensor | None]:
+    """Fit the AE or the VAE with a decoder of ``depth`` hidden layers; its row and, for the
+    VAE, its encoder scales on the training data."""
     from ilvae.models import VAE, Autoencoder
 
+    dm, _ = _data(ctx)
+    x_train, _ = dm.tensors("train")
+    cls, likelihood = {"AE": (Autoencoder, "gaussian"), "VAE": (VAE, "gaussian_adaptive")}[family]
+    encoder = {"class_path": "ilvae.encoders.MLPEncoder", "init_args": {"hidden": [width]}}
+    torch.manual_seed(ctx.seed)
+    model = cls(data_shape=dm.data_shape, latent_dim=latent, encoder=encoder,
+                decoder=_block([width] * depth, likelihood))
+    sec = fit(ctx, f"{family.lower()}_depth{depth}", model, dm, max_epochs=epochs,
+              gradient_clip_val=5.0)
+    model.eval()
+    with torch.no_grad():
+        z = model.encode(x_train).loc
+        mse = float(((model.decoder.mean(z) - x_train.flatten(1)) ** 2).mean())
+    row = {"model": family, "depth": depth, "width": width, "train_mse": mse,
+           "seconds_per_epoch": sec}
+    scale = None
+    if family == "VAE":
+        row.update(evaluate(model, x_train, iw_samples=0))
+        row["gamma"] = float(model.decoder.likelihood.variance)
+        with torch.no_grad():
+            scale = model.encode(x_train).scale.flatten()
+    return row, scale
+
+
+def run(ctx: StudyContext) -> None:
     dm, data_name = _data(ctx)
     depths = [1, 4, 8] if ctx.quick else [1, 2, 4, 6, 8, 10]
     width = 128 if ctx.quick else 512
     epochs = 20 if ctx.quick else 100
     latent = 16
-    x_train, _ = dm.tensors("train")
+    # Every (depth, family) run is independent: `--jobs` runs them in parallel.
+    settings = [{"depth": depth, "family": family, "width": width, "epochs": epochs,
+                 "latent": latent} for depth in depths for family in ("AE", "VAE")]
     scales = {}
-    for depth in depths:
-        hidden = [width] * depth
-        encoder = {"class_path": "ilvae.encoders.MLPEncoder", "init_args": {"hidden": [width]}}
-        results = {}
-        for family, cls, likelihood in (("AE", Autoencoder, "gaussian"),
-                                        ("VAE", VAE, "gaussian_adaptive")):
-            torch.manual_seed(ctx.seed)
-            model = cls(data_shape=dm.data_shape, latent_dim=latent, encoder=encoder,
-                        decoder=_block(hidden, likelihood))
-            sec = fit(ctx, f"{family.lower()}_depth{depth}", model, dm, max_epochs=epochs,
-                      gradient_clip_val=5.0)
-            model.eval()
-            with torch.no_grad():
-                z = model.encode(x_train).loc
-                mse = float(((model.decoder.mean(z) - x_train.flatten(1)) ** 2).mean())
-            row = {"model": family, "depth": depth, "width": width, "data": data_name,
-                   "train_mse": mse, "seconds_per_epoch": sec}
-            if family == "VAE":
-                row.update(evaluate(model, x_train, iw_samples=0))
-                row["gamma"] = float(model.decoder.likelihood.variance)
-                with torch.no_grad():
-                    scales[depth] = model.encode(x_train).scale.flatten()
-            results[family] = ctx.add_row(**row)
-        results["AE"]["gamma_star"] = results["AE"]["train_mse"]
+    for setting, (row, scale) in zip(settings, run_parallel(ctx, _one_run, settings),
+                                     strict=True):
+        head = {k: row[k] for k in ("model", "depth", "width")}
+        row = ctx.add_row(**{**head, "data": data_name, **row})
+        if scale is not None:
+            scales[setting["depth"]] = scale
+        if setting["family"] == "AE":
+            row["gamma_star"] = row["train_mse"]
     _full_size(ctx, dm, latent)
     rows = ctx.rows
     ae = {r["depth"]: r for r in rows if r["model"] == "AE"}

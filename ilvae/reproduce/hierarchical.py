@@ -33,7 +33,7 @@ import time
 import torch
 
 from ilvae import theory
-from ilvae.reproduce.common import StudyContext, fit
+from ilvae.reproduce.common import StudyContext, fit, run_parallel
 
 TITLE = "Hierarchical VAE: collapse of z₂ over β₁, β₂ against the linear prediction " \
         "(Dang et al., 2024)"
@@ -116,6 +116,14 @@ def _linear(ctx: StudyContext, x: torch.Tensor, b1: float, b2: float):
             "seconds": time.time() - start}
 
 
+def _setting(ctx: StudyContext, size: dict, b1: float, b2: float) -> tuple[dict, dict, float]:
+    """The linear and the nonlinear HVAE at one (β₁, β₂), and the nonlinear fit's seconds."""
+    dm, _ = _data(ctx)
+    linear = _linear(ctx, dm.tensors("train")[0].flatten(1), b1, b2)
+    nonlinear = _nonlinear(ctx, dm, size, b1, b2)
+    return linear, nonlinear, ctx.timings[-1][1]
+
+
 def _trend(rows: list[dict], along: str, across: str, sign: int) -> tuple[bool, str]:
     """Whether the nonlinear count is monotone in ``along`` (sign +1: non-decreasing, −1:
     non-increasing) for every value of ``across``, with a strict change in at least one."""
@@ -147,26 +155,28 @@ def _run(ctx: StudyContext) -> None:
     x_train = dm.tensors("train")[0].flatten(1)
     moment = theory.second_moment(x_train)
     rows, linear_seconds, eval_seconds = [], [], []
-    for b1 in size["beta_1"]:
-        for b2 in size["beta_2"]:
-            pred = theory.linear_hvae(moment, b1, b2, SETTING["eta_enc"], SETTING["eta_dec"],
-                                      SETTING["sigma_1"], SETTING["latent_dim"],
-                                      SETTING["latent_dim_2"])
-            linear = _linear(ctx, x_train, b1, b2)
-            nonlinear = _nonlinear(ctx, dm, size, b1, b2)
-            linear_seconds.append(linear["seconds"])
-            eval_seconds.append(nonlinear.pop("eval_seconds"))
-            config = {"beta_1": b1, "beta_2": b2, **SETTING, "data": data_name,
-                      "seed": ctx.seed}
-            ctx.add_row(model="LinearHVAE", **config, epsilon_collapsed_z2=linear["measured"],
-                        predicted_collapsed=pred.num_collapsed,
-                        singular_value_error=linear["sv_error"])
-            rows.append(ctx.add_row(
-                model="HierarchicalVAE", **config, hidden=size["hidden"],
-                epochs=size["epochs"], **nonlinear, predicted_collapsed=pred.num_collapsed,
-                predicted_z1_inactive=int(pred.z1_inactive.sum()),
-                linear_collapsed=linear["measured"],
-                seconds=ctx.timings[-1][1] + eval_seconds[-1]))
+    settings = [{"size": size, "b1": b1, "b2": b2}
+                for b1 in size["beta_1"] for b2 in size["beta_2"]]
+    # The (β₁, β₂) settings are independent: `--jobs` runs them in parallel.
+    results = run_parallel(ctx, _setting, settings)
+    for setting, (linear, nonlinear, fit_seconds) in zip(settings, results, strict=True):
+        b1, b2 = setting["b1"], setting["b2"]
+        pred = theory.linear_hvae(moment, b1, b2, SETTING["eta_enc"], SETTING["eta_dec"],
+                                  SETTING["sigma_1"], SETTING["latent_dim"],
+                                  SETTING["latent_dim_2"])
+        linear_seconds.append(linear["seconds"])
+        eval_seconds.append(nonlinear.pop("eval_seconds"))
+        config = {"beta_1": b1, "beta_2": b2, **SETTING, "data": data_name,
+                  "seed": ctx.seed}
+        ctx.add_row(model="LinearHVAE", **config, epsilon_collapsed_z2=linear["measured"],
+                    predicted_collapsed=pred.num_collapsed,
+                    singular_value_error=linear["sv_error"])
+        rows.append(ctx.add_row(
+            model="HierarchicalVAE", **config, hidden=size["hidden"],
+            epochs=size["epochs"], **nonlinear, predicted_collapsed=pred.num_collapsed,
+            predicted_z1_inactive=int(pred.z1_inactive.sum()),
+            linear_collapsed=linear["measured"],
+            seconds=fit_seconds + eval_seconds[-1]))
 
     table = [{"β₁": r["beta_1"], "β₂": r["beta_2"],
               "z₂ collapsed: linear closed form": r["predicted_collapsed"],

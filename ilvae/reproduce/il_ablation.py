@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ilvae.reproduce.common import StudyContext, evaluate, fit, step_seconds
+from ilvae.reproduce.common import StudyContext, evaluate, fit, run_parallel, step_seconds
 
 TITLE = "IL decoder ablation on MNIST5k: what makes the Brenier decoder fit real images"
 
@@ -125,6 +125,20 @@ def _train_and_score(ctx: StudyContext, name: str, decoder: dict, lr: float, dm,
     return metrics
 
 
+def _one_run(ctx: StudyContext, name: str, decoder: dict, lr: float, size: dict[str, Any],
+             seed: int) -> dict[str, float]:
+    """One fit of the study, on the training split of ``seed``, scored on the test split of
+    the study's seed (the same test images for every run)."""
+    from ilvae.datamodules import MNIST5k
+
+    reference = MNIST5k(batch_size=BATCH, seed=ctx.seed)
+    reference.setup("fit")
+    x_test, _ = reference.tensors("test")
+    dm = reference if seed == ctx.seed else MNIST5k(batch_size=BATCH, seed=seed)
+    ctx.seed = seed  # this run's own copy of the context
+    return _train_and_score(ctx, name, decoder, lr, dm, x_test, size)
+
+
 def run(ctx: StudyContext) -> None:
     from ilvae.datamodules import MNIST5k
 
@@ -138,8 +152,13 @@ def run(ctx: StudyContext) -> None:
     reference = bias_only_nll(x_train, x_test)
 
     rows = []
-    for name, change, decoder, lr in ablation(hidden):
-        metrics = _train_and_score(ctx, f"ablation_{name}", decoder, lr, dm, x_test, size)
+    # Every fit of the ablation and of the comparison is independent: `--jobs` runs them in
+    # parallel.
+    variants = ablation(hidden)
+    settings = [{"name": f"ablation_{name}", "decoder": decoder, "lr": lr, "size": size,
+                 "seed": ctx.seed} for name, _, decoder, lr in variants]
+    for (name, change, decoder, lr), metrics in zip(
+            variants, run_parallel(ctx, _one_run, settings), strict=True):
         rows.append(ctx.add_row(part="ablation", row=name, change=change,
                                 decoder=decoder["class_path"], lr=lr, seed=ctx.seed,
                                 epochs=epochs, **_decoder_columns(decoder), **metrics))
@@ -153,22 +172,21 @@ def run(ctx: StudyContext) -> None:
         "`initial_spread`: std of f(z) over z ~ N(0, I) before training, mean over pixels."))
     _ablation_plot(ctx, rows, reference)
 
-    table = []
+    table, runs = [], []
     for seed in seeds:
         for L in [None, *L_GRID]:
             decoder = _mlp(hidden) if L is None else _il(hidden, L=L)
             label = "mlp" if L is None else ("lidvae" if L == 0 else "il_lidvae")
             name = f"compare_{label}_L{L:g}_seed{seed}" if L is not None else \
                 f"compare_mlp_seed{seed}"
-            saved_seed, ctx.seed = ctx.seed, seed
-            try:
-                dm_seed = MNIST5k(batch_size=BATCH, seed=seed)
-                metrics = _train_and_score(ctx, name, decoder, LR, dm_seed, x_test, size)
-            finally:
-                ctx.seed = saved_seed
-            table.append(ctx.add_row(part="comparison", row=label, decoder=decoder["class_path"],
-                                     L=math.nan if L is None else L, lr=LR, seed=seed,
-                                     epochs=epochs, **metrics))
+            runs.append((seed, L, label, {"name": name, "decoder": decoder, "lr": LR,
+                                          "size": size, "seed": seed}))
+    results = run_parallel(ctx, _one_run, [setting for *_, setting in runs])
+    for (seed, L, label, setting), metrics in zip(runs, results, strict=True):
+        table.append(ctx.add_row(part="comparison", row=label,
+                                 decoder=setting["decoder"]["class_path"],
+                                 L=math.nan if L is None else L, lr=LR, seed=seed,
+                                 epochs=epochs, **metrics))
     summary = _summarise(table)
     step = _step_times(dm, size)
     for row in summary:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ilvae.reproduce.common import StudyContext, evaluate, fit
+from ilvae.reproduce.common import StudyContext, evaluate, fit, run_parallel
 
 TITLE = "Images: collapse remedies on real images (VAE, β-VAE, annealing, free bits, Lipschitz, " \
     "LIDVAE, IL-LIDVAE, AR-ELBO)"
@@ -73,9 +73,46 @@ def _datasets(ctx: StudyContext):
     return sets
 
 
-def run(ctx: StudyContext) -> None:
-    from ilvae.fid import compute_fid, train_feature_classifier
+def _samples(model, data_shape) -> torch.Tensor:
+    """32 prior samples f(z), the same z for every model (for the sample grid)."""
+    with torch.no_grad():
+        z = torch.randn(32, model.latent_dim, generator=torch.Generator().manual_seed(0))
+        return model.decoder.mean(z).reshape(-1, *data_shape).clamp(0, 1)
+
+
+def _one_run(ctx: StudyContext, data_name: str, variant: int, epochs: int, steps: int,
+             latent: int, clf_path: str) -> tuple[dict, torch.Tensor | None]:
+    """Fit and score one variant of :func:`_variants` on ``data_name``: its row, and its prior
+    samples when it is a LIDVAE (for the sample grid)."""
+    from ilvae.fid import compute_fid
     from ilvae.models import VAE
+
+    dm = dict(_datasets(ctx))[data_name]
+    dm.setup("fit")
+    x_test, _ = dm.tensors("test")
+    name, kwargs, callbacks = _variants(ctx.quick)[variant]
+    torch.manual_seed(ctx.seed)
+    model = VAE(data_shape=dm.data_shape, latent_dim=latent,
+                encoder={"class_path": "ilvae.encoders.MLPEncoder",
+                         "init_args": {"hidden": [256]}}, **kwargs)
+    run_name = f"{data_name}_{name}".replace(" ", "_").replace("(", "").replace(")", "")
+    sec = fit(ctx, run_name, model, dm, max_epochs=epochs, gradient_clip_val=5.0,
+              callbacks=[make(steps) for make in callbacks])
+    metrics = evaluate(model, x_test, iw_samples=100 if ctx.quick else 500)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    with torch.no_grad():
+        z = torch.randn(1000, latent, generator=gen)
+        samples = model.decoder.mean(z).reshape(-1, *dm.data_shape).clamp(0, 1)
+    fid = compute_fid(x_test, samples, weights_path=clf_path)
+    dec = kwargs["decoder"]
+    row = dict(data=data_name, model=name, decoder=dec["class_path"],
+               L=dec["init_args"].get("L", float("nan")), beta=kwargs.get("beta", 1.0),
+               **metrics, fid_classifier=fid, seconds_per_epoch=sec)
+    return row, _samples(model, dm.data_shape) if "LIDVAE (L=" in name else None
+
+
+def run(ctx: StudyContext) -> None:
+    from ilvae.fid import train_feature_classifier
 
     # MNIST5k has 57 batches of 64 an epoch: 12 quick epochs are ~680 steps per run.
     epochs = 12 if ctx.quick else 150
@@ -83,34 +120,19 @@ def run(ctx: StudyContext) -> None:
     for data_name, dm in _datasets(ctx):
         dm.setup("fit")
         x_train, y_train = dm.tensors("train")
-        x_test, _ = dm.tensors("test")
         clf_path = ctx.out / f"fid_classifier_{data_name}.pt"
         clf = train_feature_classifier(x_train, y_train, path=clf_path, seed=ctx.seed,
                                        epochs=5 if ctx.quick else 15)
         steps = epochs * len(dm.train_dataloader())
         table, trained = [], {}
-        for name, kwargs, callbacks in _variants(ctx.quick):
-            torch.manual_seed(ctx.seed)
-            model = VAE(data_shape=dm.data_shape, latent_dim=latent,
-                        encoder={"class_path": "ilvae.encoders.MLPEncoder",
-                                 "init_args": {"hidden": [256]}}, **kwargs)
-            run_name = f"{data_name}_{name}".replace(" ", "_").replace("(", "").replace(")", "")
-            sec = fit(ctx, run_name, model, dm, max_epochs=epochs, gradient_clip_val=5.0,
-                      callbacks=[make(steps) for make in callbacks])
-            metrics = evaluate(model, x_test, iw_samples=100 if ctx.quick else 500)
-            gen = torch.Generator().manual_seed(ctx.seed)
-            with torch.no_grad():
-                z = torch.randn(1000, latent, generator=gen)
-                samples = model.decoder.mean(z).reshape(-1, *dm.data_shape).clamp(0, 1)
-            fid = compute_fid(x_test, samples, weights_path=clf_path)
-            dec = kwargs["decoder"]
-            row = ctx.add_row(data=data_name, model=name, decoder=dec["class_path"],
-                              L=dec["init_args"].get("L", float("nan")),
-                              beta=kwargs.get("beta", 1.0), **metrics, fid_classifier=fid,
-                              seconds_per_epoch=sec)
-            table.append(row)
-            if "LIDVAE (L=" in name:
-                trained[name] = model
+        # Every variant's fit is independent: `--jobs` runs them in parallel.
+        settings = [{"data_name": data_name, "variant": i, "epochs": epochs, "steps": steps,
+                     "latent": latent, "clf_path": str(clf_path)}
+                    for i in range(len(_variants(ctx.quick)))]
+        for row, samples in run_parallel(ctx, _one_run, settings):
+            table.append(ctx.add_row(**row))
+            if samples is not None:
+                trained[row["model"]] = samples
         columns = ["model", "elbo", "iw_nll", "kl", "mutual_info", "active_units",
                    "epsilon_collapsed", "fid_classifier", "seconds_per_epoch"]
         ctx.add_table(f"{data_name}: test-set metrics", table, columns,
@@ -260,19 +282,15 @@ def _findings(ctx: StudyContext, data_name: str, table: list[dict]) -> None:
 
 
 def _sample_grid(ctx: StudyContext, data_name: str, dm, trained: dict) -> None:
-    """Prior samples of LIDVAE / IL-LIDVAE for each trained L, with the same z for every L."""
+    """Prior samples of LIDVAE / IL-LIDVAE for each trained L (``trained``: name → the
+    samples of :func:`_samples`), with the same z for every L."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
 
-    grids = []
-    for name, model in trained.items():
-        with torch.no_grad():
-            z = torch.randn(32, model.latent_dim, generator=torch.Generator().manual_seed(0))
-            imgs = model.decoder.mean(z).reshape(-1, *dm.data_shape).clamp(0, 1)
-        grids.append((name, make_grid(imgs, nrow=8, pad_value=1.0)))
+    grids = [(name, make_grid(imgs, nrow=8, pad_value=1.0)) for name, imgs in trained.items()]
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 2.2), squeeze=False)
     for ax, (name, grid) in zip(axes[0], grids, strict=True):
         ax.imshow(grid.permute(1, 2, 0).numpy())

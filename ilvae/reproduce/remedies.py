@@ -33,8 +33,9 @@ available (``status: unavailable`` in results.json) instead of stopping the stud
 Scores on the test split: IW-NLL (grey levels and a fixed binarisation), ELBO, KL and its
 per-dimension split, active units, mutual information, ε-collapsed dimensions, the classifier
 FID-type score of :mod:`ilvae.fid` (classifier trained here on the training split), seconds per
-epoch and the median step time; mean ± standard deviation over seeds. The training runs go
-through :func:`map_jobs`, the one place ``--jobs`` acts on.
+epoch and the median step time; mean ± standard deviation over seeds. The training runs are
+independent: ``--jobs N`` runs them in N worker processes
+(:func:`~ilvae.reproduce.common.run_parallel`, the same numbers as one process).
 """
 
 from __future__ import annotations
@@ -43,13 +44,12 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from ilvae.reproduce.common import StudyContext, evaluate, fit
+from ilvae.reproduce.common import StudyContext, evaluate, fit, run_parallel
 from ilvae.reproduce.remedy_rows import ENCODER, LATENT, Remedy, check, remedies, unavailable
 
 TITLE = "Remedies: the posterior-collapse remedies side by side on MNIST5k (shallow and deep " \
@@ -77,23 +77,6 @@ def _size(quick: bool) -> dict[str, Any]:
             "trainer": {}}
 
 
-@dataclass(frozen=True)
-class Job:
-    """One training run: a remedy in a regime (decoder depth) with a seed."""
-
-    remedy: Remedy
-    regime: str
-    depth: int
-    seed: int
-
-
-def map_jobs(work: Callable[[Job], dict[str, Any]], jobs: Iterable[Job],
-             n_jobs: int = 1) -> list[dict[str, Any]]:
-    """The one place the study maps over its training runs, in order. Runs one after another;
-    ``n_jobs`` (``--jobs``) is where a parallel runner plugs in."""
-    return [work(job) for job in jobs]
-
-
 @contextlib.contextmanager
 def _seed(ctx: StudyContext, seed: int) -> Iterator[None]:
     saved, ctx.seed = ctx.seed, seed
@@ -116,35 +99,40 @@ def build_model(remedy: Remedy, data_shape: tuple[int, ...], hidden: list[int], 
                **remedy.model_args)
 
 
-def _train_and_score(ctx: StudyContext, job: Job, x_test: torch.Tensor, size: dict[str, Any],
-                     classifier: str) -> dict[str, Any]:
+def train_and_score(ctx: StudyContext, remedy: str, regime: str, depth: int, seed: int,
+                    x_test: torch.Tensor, size: dict[str, Any], classifier: str
+                    ) -> dict[str, Any]:
+    """Train the row named ``remedy`` in one regime (decoder ``depth``) with ``seed`` and score
+    it on ``x_test``; a module-level function of plain arguments, so a worker process can run
+    it."""
     from ilvae._config import import_class
     from ilvae.datamodules import MNIST5k
     from ilvae.fid import compute_fid
 
-    remedy, width = job.remedy, size["width"]
-    dm = MNIST5k(batch_size=BATCH, seed=job.seed)
+    row = {r.name: r for r in remedies()}[remedy]
+    width = size["width"]
+    dm = MNIST5k(batch_size=BATCH, seed=seed)
     dm.setup("fit")
     steps = size["epochs"] * len(dm.train_dataloader())
-    torch.manual_seed(job.seed)
-    model = build_model(remedy, dm.data_shape, [width] * job.depth, width)
-    callbacks = [import_class(path)(**make(steps)) for path, make in remedy.callbacks]
+    torch.manual_seed(seed)
+    model = build_model(row, dm.data_shape, [width] * depth, width)
+    callbacks = [import_class(path)(**make(steps)) for path, make in row.callbacks]
     # A model that steps its own optimisers (manual optimisation) clips its own gradients.
     clip = {"gradient_clip_val": CLIP} if model.automatic_optimization else {}
-    with _seed(ctx, job.seed):
-        sec = fit(ctx, f"{job.regime}_{remedy.name}_seed{job.seed}", model, dm,
+    with _seed(ctx, seed):
+        sec = fit(ctx, f"{regime}_{remedy}_seed{seed}", model, dm,
                   max_epochs=size["epochs"], callbacks=callbacks, **clip, **size["trainer"])
     start = time.time()
     metrics = evaluate(model, x_test, iw_samples=size["iw_samples"], max_iw=size["iw_images"],
                        per_dimension=True)
-    gen = torch.Generator().manual_seed(job.seed)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         z = torch.randn(size["fid_samples"], LATENT, generator=gen)
         samples = model.decoder.mean(z).reshape(-1, *dm.data_shape).clamp(0, 1)
     metrics["fid_classifier"] = compute_fid(x_test, samples, weights_path=classifier)
     likelihood = type(model.decoder.likelihood).__name__
-    return {"remedy": remedy.name, "regime": job.regime, "decoder_depth": job.depth,
-            "status": "ok", "seed": job.seed, "epochs": size["epochs"],
+    return {"remedy": remedy, "regime": regime, "decoder_depth": depth,
+            "status": "ok", "seed": seed, "epochs": size["epochs"],
             "likelihood": likelihood, **metrics, "seconds_per_epoch": sec,
             "eval_seconds": time.time() - start}
 
@@ -196,13 +184,9 @@ def step_times(rows: list[Remedy], regimes: list[tuple[str, int]], dm,
 # ------------------------------------------------------------------ the study
 def run(ctx: StudyContext) -> None:
     from ilvae.datamodules import MNIST5k
-    from ilvae.errors import check
     from ilvae.fid import train_feature_classifier
 
     size = _size(ctx.quick)
-    n_jobs = ctx.options.get("jobs", 1)
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
-        check("jobs", n_jobs, "a positive integer")
     seeds = [ctx.seed + i for i in range(size["seeds"])]
     regimes = [("shallow", 1), ("deep", size["deep_depth"])]
     rows = remedies()
@@ -226,10 +210,10 @@ def run(ctx: StudyContext) -> None:
     classifier_seconds = (time.time() - start) * _size(False)["classifier_epochs"] / \
         size["classifier_epochs"]
 
-    jobs = [Job(r, regime, depth, seed) for regime, depth in regimes for r in ready
-            for seed in seeds]
-    runs = map_jobs(lambda job: _train_and_score(ctx, job, x_test, size, str(classifier)),
-                    jobs, n_jobs)
+    settings = [{"remedy": r.name, "regime": regime, "depth": depth, "seed": seed,
+                 "x_test": x_test, "size": size, "classifier": str(classifier)}
+                for regime, depth in regimes for r in ready for seed in seeds]
+    runs = run_parallel(ctx, train_and_score, settings)
     for run_row in runs:
         ctx.add_row(part="run", **run_row)
     summary = summarise(runs)

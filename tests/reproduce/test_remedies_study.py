@@ -154,6 +154,7 @@ def test_every_row_of_the_issue_is_in_the_table_with_known_claim_kinds():
 def test_jobs_must_be_a_positive_integer_before_anything_trains(tmp_path, jobs):
     from ilvae.errors import ConfigurationError
 
-    with pytest.raises(ConfigurationError, match=r"^jobs=.* is not allowed: expected a positive"):
+    with pytest.raises(ConfigurationError,
+                       match=r"^jobs=.* is not allowed: expected an integer >= 1"):
         reproduce.run_study("remedies", tmp_path, quick=True, jobs=jobs)
     assert not (tmp_path / "runs").exists()
