@@ -193,13 +193,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def readme_table(rows: list[dict[str, Any]]) -> str:
-    m = _machine(rows)
     return "\n".join([
         summary_table(rows),
         "",
         scaling_table(rows),
         "",
-        f"Measured on: {machine_line(m)}.",
+        "Measured by:",
+        "",
+        *_provenance(rows)[2:],
     ])
 
 
