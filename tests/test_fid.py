@@ -77,15 +77,6 @@ def _empirical_frechet(f1, f2):
     return _frechet(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: one thread avoids oversubscription, which slows these small nets 5-10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     dm = Digits(seed=0)

@@ -12,15 +12,6 @@ from ilvae.errors import ConfigurationError
 from ilvae.fid_classifier import FeatureClassifier, FeatureClassifierModule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: one thread avoids oversubscription, which slows these small nets 5-10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _fit(datamodule, seed, **trainer_args):
     torch.manual_seed(seed)
     module = FeatureClassifierModule(datamodule.data_shape, datamodule.num_classes,

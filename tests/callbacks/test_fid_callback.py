@@ -27,15 +27,6 @@ from ilvae.errors import ConfigurationError
 from ilvae.models import VAE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: one thread avoids oversubscription, which slows these small nets 5-10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _frechet_of_features(f1, f2):
     """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1^{1/2} Σ2 Σ1^{1/2})^{1/2}) with scipy's eigh."""
     mu1, mu2 = f1.mean(0), f2.mean(0)
