@@ -205,11 +205,11 @@ class ILBrenierDecoder(Decoder):
             versions = (L1._version, L2._version)
         except RuntimeError:  # inference tensors have no version counter
             return float(L1) * float(L2) * self.s_min
-        cached = self.__dict__.get("_L_host")
+        cached = getattr(self, "_L_host", None)
         if cached is None or cached[0] is not L1 or cached[1] is not L2 \
                 or cached[2] != versions:
             cached = (L1, L2, versions, float(L1) * float(L2) * self.s_min)
-            self.__dict__["_L_host"] = cached
+            self._L_host = cached
         return cached[3]
 
     @L.setter

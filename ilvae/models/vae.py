@@ -81,10 +81,10 @@ class VAE(LatentVariableModel):
 
     def configure_model(self) -> None:
         # Lightning calls this hook before every fit/validate/test/predict: compile only once.
-        if self.hparams.get("compile", False):
-            for block in (self.encoder, self.decoder):
-                if getattr(block, "_compiled_call_impl", None) is None:
-                    block.compile()
+        if self.hparams.get("compile", False) and not getattr(self, "blocks_compiled", False):
+            self.encoder.compile()
+            self.decoder.compile()
+            self.blocks_compiled = True
 
     # ----------------------------------------------------------------- maths
     def forward(self, x: Tensor) -> dict[str, Tensor]:
