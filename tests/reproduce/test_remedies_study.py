@@ -158,3 +158,18 @@ def test_jobs_must_be_a_positive_integer_before_anything_trains(tmp_path, jobs):
                        match=r"^jobs=.* is not allowed: expected an integer >= 1"):
         reproduce.run_study("remedies", tmp_path, quick=True, jobs=jobs)
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_row_of_the_table_trains_and_is_scored_in_both_regimes(tmp_path, monkeypatch):
+    """The whole table at the micro size, in two worker processes: every row of the issue's
+    list is built from this package's parts, trains and is scored in both regimes."""
+    monkeypatch.setattr(remedies, "_size", lambda quick: dict(_MICRO))
+    reproduce.run_study("remedies", tmp_path, quick=True, jobs=2)
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = {(r["regime"], r["remedy"]) for r in results if r["part"] == "run"}
+    names = ["vae", "beta_vae", "kl_annealing", "cyclical", "free_bits", "target_kl", "lagging",
+             "bn_vae", "delta_vae", "skip_vae", "mmd_vae", "ar_elbo", "lidvae", "il_lidvae"]
+    assert runs == {(regime, name) for regime in ("shallow", "deep") for name in names}
+    assert all(r["status"] == "ok" for r in results if r["part"] == "summary")
+    assert all(math.isfinite(r["iw_nll"]) and r["active_units"] >= 0
+               for r in results if r["part"] == "run")
