@@ -178,7 +178,7 @@ def to_uint8(images: Tensor) -> Tensor:
 
 
 def check_feature_extractor(feature_extractor: str, weights_path: str | os.PathLike | None,
-                     owner: str = "") -> str | None:
+                            owner: str = "") -> str | None:
     """The checked ``weights_path`` (as a string) for a registered ``feature_extractor``;
     ``owner`` prefixes the field names of the error messages."""
     if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:

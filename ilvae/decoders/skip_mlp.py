@@ -45,10 +45,7 @@ class SkipMLPDecoder(Decoder):
         return out
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.layers[0](z)
-        for layer in self.layers[1:]:
-            h = layer(torch.cat([self.activation(h), z], dim=-1))
-        return h
+        return self.pre_activations(z)[-1]
 
     def skip_weight(self, k: int) -> Tensor:
         """G_k, the weight of z in layer k (2 ≤ k ≤ L, counted from 1), shape (width_k, m)."""

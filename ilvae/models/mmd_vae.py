@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ilvae.errors import check, check_number
+from ilvae.metrics.kl_per_dimension import model_prior_scale
 from ilvae.models.vae import VAE
 from ilvae.objectives import MMD_KERNELS, mmd
 
@@ -51,9 +52,7 @@ class MMDVAE(VAE):
             check("kernel", kernel, f"one of {', '.join(MMD_KERNELS)}")
         self.kernel = kernel
         if kernel_scale is None:
-            scale = getattr(self.prior, "scale", None)
-            eta2 = float(scale) ** 2 if isinstance(scale, Tensor) and scale.numel() == 1 else 1.0
-            kernel_scale = 2.0 * self.latent_dim * eta2
+            kernel_scale = 2.0 * self.latent_dim * model_prior_scale(self) ** 2
         self.kernel_scale = check_number("kernel_scale", kernel_scale, strict=True)
 
     def objective(self, out: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -40,11 +40,9 @@ independent: ``--jobs N`` runs them in N worker processes
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -75,15 +73,6 @@ def _size(quick: bool) -> dict[str, Any]:
             "fid_samples": 1000, "classifier_epochs": 3 if quick else 15, "width": WIDTH,
             "deep_depth": DEEP_DEPTH, "timing_steps": 20, "timing_rounds": 2 if quick else 3,
             "trainer": {}}
-
-
-@contextlib.contextmanager
-def _seed(ctx: StudyContext, seed: int) -> Iterator[None]:
-    saved, ctx.seed = ctx.seed, seed
-    try:
-        yield
-    finally:
-        ctx.seed = saved
 
 
 def build_model(remedy: Remedy, data_shape: tuple[int, ...], hidden: list[int], width: int):
@@ -119,9 +108,9 @@ def train_and_score(ctx: StudyContext, remedy: str, regime: str, depth: int, see
     callbacks = [import_class(path)(**make(steps)) for path, make in row.callbacks]
     # A model that steps its own optimisers (manual optimisation) clips its own gradients.
     clip = {"gradient_clip_val": CLIP} if model.automatic_optimization else {}
-    with _seed(ctx, seed):
-        sec = fit(ctx, f"{regime}_{remedy}_seed{seed}", model, dm,
-                  max_epochs=size["epochs"], callbacks=callbacks, **clip, **size["trainer"])
+    ctx.seed = seed  # this run's own copy of the context (run_parallel)
+    sec = fit(ctx, f"{regime}_{remedy}_seed{seed}", model, dm,
+              max_epochs=size["epochs"], callbacks=callbacks, **clip, **size["trainer"])
     start = time.time()
     metrics = evaluate(model, x_test, iw_samples=size["iw_samples"], max_iw=size["iw_images"],
                        per_dimension=True)
