@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ilvae: error: {exc}", file=sys.stderr)
         return 2
     except ImportError as exc:
-        print(f"ilvae: error: ilvae sweep needs Optuna: pip install 'ilvae[sweep]' ({exc})",
+        print(f"ilvae: error: ilvae sweep needs Optuna: pip install -e \".[sweep]\" ({exc})",
               file=sys.stderr)
         return 2
     print(f"ilvae: sweep ran {done['fits']} fits")
