@@ -298,7 +298,7 @@ def run_parallel(ctx: StudyContext, run: Any, settings: list[dict[str, Any]]) ->
 
 
 def step_seconds(model: L.LightningModule, datamodule: Any, steps: int = 20,
-                 warmup: int = 5) -> float:
+                 warmup: int = 5, clock: Any = time.perf_counter) -> float:
     """Median seconds per training batch of ``model`` over ``steps`` batches after ``warmup``,
     measured in a throwaway Trainer (no logger, no checkpoint): the cost of a size this run does
     not train, for the expected full-size time. Counted in batches, not optimiser steps, so a
@@ -313,15 +313,15 @@ def step_seconds(model: L.LightningModule, datamodule: Any, steps: int = 20,
             self.times: list[float] = []
 
         def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-            self.times.append(time.perf_counter())
+            self.times.append(clock())
             if len(self.times) >= batches:
                 trainer.should_stop = True
 
-    clock = _Clock()
+    timer = _Clock()
     L.Trainer(max_epochs=-1, accelerator="cpu", devices=1, logger=False,
               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-              limit_val_batches=0, callbacks=[clock]).fit(model, datamodule)
-    gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)][warmup:]
+              limit_val_batches=0, callbacks=[timer]).fit(model, datamodule)
+    gaps = [b - a for a, b in zip(timer.times, timer.times[1:], strict=False)][warmup:]
     return statistics.median(gaps)
 
 
